@@ -1,0 +1,3 @@
+"""Not yet implemented: see the open issues."""
+
+__all__: list[str] = []

@@ -1,0 +1,63 @@
+"""Core: log-space weights, resampling, noise schedules, checkpointing and sharding helpers.
+
+`core` imports nothing else of feynkit.
+"""
+
+from feynkit.core.resampling import (
+    RESAMPLERS,
+    adaptive_resample,
+    get_resampler,
+    multinomial_resample,
+    resample_particles,
+    residual_resample,
+    stratified_resample,
+    systematic_resample,
+)
+from feynkit.core.schedules import CosineSchedule, LinearSchedule, VPSchedule, get_schedule
+from feynkit.core.weights import (
+    check_log_weights,
+    conditional_ess,
+    ess,
+    log_ess,
+    log_mean_exp,
+    normalize_log_weights,
+)
+
+__all__ = [
+    "RESAMPLERS",
+    "CosineSchedule",
+    "LinearSchedule",
+    "VPSchedule",
+    "adaptive_resample",
+    "check_log_weights",
+    "conditional_ess",
+    "ess",
+    "get_resampler",
+    "get_schedule",
+    "log_ess",
+    "log_mean_exp",
+    "multinomial_resample",
+    "normalize_log_weights",
+    "resample_particles",
+    "residual_resample",
+    "stratified_resample",
+    "systematic_resample",
+]
+
+from feynkit.core.checkpoint import checkpointed_loop, restore_latest, save_checkpoint  # noqa: E402
+from feynkit.core.sharding import (  # noqa: E402
+    check_divisible,
+    particle_mesh,
+    particle_sharding,
+    shard_particles,
+)
+
+__all__ += [
+    "check_divisible",
+    "checkpointed_loop",
+    "particle_mesh",
+    "particle_sharding",
+    "restore_latest",
+    "save_checkpoint",
+    "shard_particles",
+]

@@ -1,0 +1,117 @@
+"""Noise schedules of the variance-preserving (VP) diffusion x_t = α_t x_0 + σ_t ε, σ_t² = 1 − α_t².
+
+A schedule is a frozen dataclass (a static pytree: it can be closed over or passed to `jit` as a
+static argument) with α_t, σ_t, their time derivatives and the coefficients of the forward SDE
+
+    dx = f(t) x dt + g(t) dW,   f(t) = d log α_t / dt = −β(t)/2,   g(t)² = β(t),
+
+with t ∈ [0, 1], t = 0 the data end. β(t) = −2 d log α_t/dt is the instantaneous noise rate.
+
+References:
+  Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential Equations"
+  (the linear VP SDE); Nichol & Dhariwal (2021), "Improved Denoising Diffusion Probabilistic
+  Models" (the cosine schedule).
+"""
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from feynkit.core.types import Array, ArrayLike
+
+__all__ = ["CosineSchedule", "LinearSchedule", "VPSchedule", "get_schedule"]
+
+
+class VPSchedule:
+    """Shared derived quantities; subclasses define `log_alpha` and `beta`."""
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        raise NotImplementedError
+
+    def beta(self, t: ArrayLike) -> Array:
+        """β(t) = −2 d log α_t / dt = g(t)²."""
+        raise NotImplementedError
+
+    def alpha(self, t: ArrayLike) -> Array:
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t: ArrayLike) -> Array:
+        # −expm1(2 log α) = 1 − α² without cancellation at small t.
+        return jnp.sqrt(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def dalpha_dt(self, t: ArrayLike) -> Array:
+        """dα/dt = −β α / 2."""
+        return -0.5 * self.beta(t) * self.alpha(t)
+
+    def dsigma_dt(self, t: ArrayLike) -> Array:
+        """dσ/dt = β α² / (2σ), from σ² = 1 − α²."""
+        return 0.5 * self.beta(t) * self.alpha(t) ** 2 / self.sigma(t)
+
+    def drift_coef(self, t: ArrayLike) -> Array:
+        """f(t) in the forward SDE dx = f(t) x dt + g(t) dW."""
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t: ArrayLike) -> Array:
+        """g(t) = sqrt(β(t))."""
+        return jnp.sqrt(self.beta(t))
+
+    def log_snr(self, t: ArrayLike) -> Array:
+        """λ_t = log(α_t² / σ_t²)."""
+        return 2.0 * (self.log_alpha(t) - jnp.log(self.sigma(t)))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearSchedule(VPSchedule):
+    """β(t) = β_min + t (β_max − β_min); log α_t = −(β_min t + (β_max − β_min) t²/2)/2."""
+
+    beta_min: float = 0.1
+    beta_max: float = 20.0
+
+    def __post_init__(self):
+        if not 0 < self.beta_min <= self.beta_max:
+            raise ValueError(
+                f"LinearSchedule needs 0 < beta_min <= beta_max, got {self.beta_min}, "
+                f"{self.beta_max}."
+            )
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        t = jnp.asarray(t)
+        return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+
+    def beta(self, t: ArrayLike) -> Array:
+        t = jnp.asarray(t)
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class CosineSchedule(VPSchedule):
+    """α_t = cos(φ_t)/cos(φ_0), φ_t = (t + s)/(1 + s) · π/2; β(t) = π tan(φ_t)/(1 + s).
+
+    α_1 = 0 and β(t) → ∞ as t → 1: samplers start at t_max < 1 (e.g. 1 − 1e-3).
+    """
+
+    s: float = 0.008
+
+    def __post_init__(self):
+        if self.s <= 0:
+            raise ValueError(f"CosineSchedule needs s > 0, got {self.s}.")
+
+    def _phi(self, t: ArrayLike) -> Array:
+        return (jnp.asarray(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        return jnp.log(jnp.cos(self._phi(t))) - math.log(
+            math.cos(self.s / (1 + self.s) * math.pi / 2)
+        )
+
+    def beta(self, t: ArrayLike) -> Array:
+        return math.pi * jnp.tan(self._phi(t)) / (1.0 + self.s)
+
+
+def get_schedule(name: str, **kwargs) -> VPSchedule:
+    """Construct a schedule by name: "linear" or "cosine"."""
+    table = {"linear": LinearSchedule, "cosine": CosineSchedule}
+    if name not in table:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(table)}.")
+    return table[name](**kwargs)

@@ -1,0 +1,1 @@
+"""Experiments: the Hydra entry point, result records and paper replications."""
