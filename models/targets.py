@@ -114,7 +114,7 @@ class GaussianMixture:
 
         return jnp.moveaxis(jax.vmap(one)(self.means, chol, self.log_weights), 0, -1)
 
-    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, ...]:
+    def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
         """log p(x) = logsumexp_k (log π_k + log N(x; μ_k, Σ_k))."""
         return logsumexp(self.component_log_probs(x), axis=-1)
 
