@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from feynkit.core.types import Array, ArrayLike, Float, Int, Key, PyTree
-from feynkit.core.weights import ess, normalize_log_weights
+from feynkit.core.weights import ess
 
 __all__ = [
     "RESAMPLERS",
@@ -33,17 +33,39 @@ __all__ = [
 ]
 
 
-def _cdf(log_weights: ArrayLike) -> Array:
-    w = jnp.exp(normalize_log_weights(log_weights))
-    cdf = jnp.cumsum(w)
-    # Pin the last entry to one so that uniforms in [cdf[-1], 1) never fall off the end.
-    return cdf.at[-1].set(1.0)
+def _relative_weights(log_weights: ArrayLike) -> Array:
+    # exp(l − max l): exactly one for equal log-weights, so uniform weights give exact sums.
+    log_weights = jnp.asarray(log_weights)
+    return jnp.exp(log_weights - jnp.max(log_weights))
 
 
 def _inverse_cdf(log_weights: ArrayLike, uniforms: Array) -> Array:
-    n = jnp.shape(log_weights)[0]
-    idx = jnp.searchsorted(_cdf(log_weights), uniforms, side="right")
-    return jnp.clip(idx, 0, n - 1).astype(jnp.int32)
+    w = _relative_weights(log_weights)
+    n = w.shape[0]
+    cdf = jnp.cumsum(w)
+    # Dividing by the total makes the last entry exactly one, so no uniform in [0, 1) falls off
+    # the end.
+    cdf = cdf / cdf[-1]
+    idx = jnp.clip(jnp.searchsorted(cdf, uniforms, side="right"), 0, n - 1).astype(jnp.int32)
+
+    def _to_positive(idx):
+        last_positive = lax.cummax(jnp.where(w > 0, jnp.arange(n, dtype=jnp.int32), 0))
+        return last_positive[idx]
+
+    # XLA computes cumsum as a tree reduction: the result need not be exactly monotone, nor flat
+    # across a zero weight, so the search can land on a zero-weight (−inf) particle. Move such a
+    # draw to the nearest earlier particle of positive weight, at whose interval's edge it lies.
+    # The extra scan costs ~20% at 1e6 on CPU, so it runs only when some weight is zero.
+    return lax.cond(jnp.all(w > 0), lambda i: i, _to_positive, idx)
+
+
+def _comb(offsets: Array, num_samples: int) -> Array:
+    """Points (k + u_k)/m, each kept strictly inside its stratum [k/m, (k+1)/m)."""
+    k = jnp.arange(num_samples, dtype=offsets.dtype)
+    # In float32, k + u rounds up to k + 1 for u near one (and the last point to 1.0), which
+    # would duplicate an index or select a zero-weight last particle.
+    upper = jnp.nextafter((k + 1) / num_samples, jnp.zeros((), offsets.dtype))
+    return jnp.minimum((k + offsets) / num_samples, upper)
 
 
 def multinomial_resample(
@@ -62,7 +84,7 @@ def stratified_resample(
 ) -> Int[Array, " m"]:
     """Stratified resampling: one uniform in each stratum [k/m, (k+1)/m)."""
     u = jax.random.uniform(key, (num_samples,), dtype=jnp.result_type(float))
-    return _inverse_cdf(log_weights, (jnp.arange(num_samples) + u) / num_samples)
+    return _inverse_cdf(log_weights, _comb(u, num_samples))
 
 
 def systematic_resample(
@@ -70,7 +92,7 @@ def systematic_resample(
 ) -> Int[Array, " m"]:
     """Systematic resampling: the comb (k + U)/m, k = 0..m−1, with a single uniform U."""
     u = jax.random.uniform(key, (), dtype=jnp.result_type(float))
-    return _inverse_cdf(log_weights, (jnp.arange(num_samples) + u) / num_samples)
+    return _inverse_cdf(log_weights, _comb(u, num_samples))
 
 
 def residual_resample(
@@ -82,7 +104,10 @@ def residual_resample(
     """
     log_weights = jnp.asarray(log_weights)
     n = log_weights.shape[0]
-    scaled = num_samples * jnp.exp(normalize_log_weights(log_weights))
+    w = _relative_weights(log_weights)
+    # (m w_i) / Σ w rather than m · exp(log W_i): exact for equal weights, where
+    # m · exp(−log n) can round to 0.99999994 and floor to zero deterministic copies.
+    scaled = num_samples * w / jnp.sum(w)
     copies = jnp.floor(scaled).astype(jnp.int32)
     num_det = jnp.sum(copies)
     det = jnp.repeat(jnp.arange(n, dtype=jnp.int32), copies, total_repeat_length=num_samples)

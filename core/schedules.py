@@ -101,9 +101,12 @@ class CosineSchedule(VPSchedule):
         return (jnp.asarray(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
 
     def log_alpha(self, t: ArrayLike) -> Array:
-        return jnp.log(jnp.cos(self._phi(t))) - math.log(
-            math.cos(self.s / (1 + self.s) * math.pi / 2)
-        )
+        # With φ_t = φ_0 + δ: α_t = cos δ − tan φ_0 sin δ = 1 − 2 sin²(δ/2) − tan φ_0 sin δ.
+        # log1p of that keeps σ_t accurate at small t, where log cos φ_t − log cos φ_0 in
+        # float32 is off by an ulp of cos (σ_0 came out as 2.4e-4 instead of 0).
+        delta = jnp.asarray(t) / (1.0 + self.s) * (math.pi / 2)
+        tan_phi0 = math.tan(self.s / (1.0 + self.s) * math.pi / 2)
+        return jnp.log1p(-2.0 * jnp.sin(0.5 * delta) ** 2 - tan_phi0 * jnp.sin(delta))
 
     def beta(self, t: ArrayLike) -> Array:
         return math.pi * jnp.tan(self._phi(t)) / (1.0 + self.s)

@@ -43,11 +43,12 @@ def shard_particles(particles: PyTree, mesh: Mesh) -> PyTree:
     leaves = jax.tree.leaves(particles)
     if not leaves:
         return particles
-    n = leaves[0].shape[0]
+    lead = leaves[0].shape[:1]  # () for a scalar leaf, which has no particle axis
     for leaf in leaves:
-        if leaf.shape[:1] != (n,):
+        if not lead or leaf.shape[:1] != lead:
             raise ValueError(
-                f"every leaf needs the same leading particle axis; got {leaf.shape} and ({n}, ...)."
+                "every leaf needs the same leading particle axis; got shapes "
+                f"{leaves[0].shape} and {leaf.shape}."
             )
-    check_divisible(n, mesh)
+    check_divisible(lead[0], mesh)
     return jax.device_put(particles, particle_sharding(mesh))
