@@ -28,6 +28,8 @@ def rejection_sample(
     max_batches: int = 1000,
 ) -> Array:
     """Draw n samples: x ~ propose(key, batch), kept with probability exp(log_accept(x)) ≤ 1."""
+    propose = jax.jit(propose, static_argnums=1)
+    log_accept = jax.jit(log_accept)
     out, total = [], 0
     for i in range(max_batches):
         k_prop, k_acc = jax.random.split(jax.random.fold_in(key, i))

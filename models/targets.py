@@ -106,7 +106,7 @@ class GaussianMixture:
         chol = _chol(self.covs)
 
         def one(mu, L, lw):
-            diff = (x - mu).reshape(-1, self.dim)
+            diff = x.reshape(-1, self.dim) - mu[None]
             z = solve_triangular(L, diff.T, lower=True).T
             logdet = jnp.sum(jnp.log(jnp.diagonal(L)))
             lp = -0.5 * jnp.sum(z**2, -1) - logdet - 0.5 * self.dim * math.log(2 * math.pi)
@@ -128,7 +128,8 @@ class GaussianMixture:
         x = self._check_x(x)
         r = self.responsibilities(x)
         prec = jnp.linalg.inv(self.covs)
-        diff = x[..., None, :] - self.means  # (..., K, d)
+        means = self.means.reshape((1,) * (x.ndim - 1) + self.means.shape)
+        diff = x[..., None, :] - means  # (..., K, d)
         per = -jnp.einsum("kij,...kj->...ki", prec, diff)
         return jnp.sum(r[..., None] * per, axis=-2)
 
@@ -151,7 +152,7 @@ class GaussianMixture:
         sigma = jnp.asarray(sigma, self.means.dtype)
         eye = jnp.eye(self.dim, dtype=self.means.dtype)
         return GaussianMixture(
-            self.log_weights, alpha * self.means, alpha**2 * self.covs + sigma**2 * eye
+            self.log_weights, alpha * self.means, alpha**2 * self.covs + sigma**2 * eye[None]
         )
 
     def marginal(self, schedule, t: ArrayLike) -> GaussianMixture:
@@ -185,9 +186,9 @@ class GaussianMixture:
         cross = GaussianMixture(
             jnp.zeros((k2,), self.means.dtype), other.means, other.covs
         )  # N(a_i; b_j, A_i + B_j) via a per-i mixture with widened covariances
-        lw = jax.vmap(lambda a, acov: cross.replace(covs=other.covs + acov).component_log_probs(a))(
-            self.means, self.covs
-        )
+        lw = jax.vmap(
+            lambda a, acov: cross.replace(covs=other.covs + acov[None]).component_log_probs(a)
+        )(self.means, self.covs)
         lw = lw + self.log_weights[:, None] + other.log_weights[None]
         log_z = logsumexp(lw)
         return (

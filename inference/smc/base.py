@@ -95,7 +95,7 @@ def init(particles: PyTree, log_weights: ArrayLike | None = None) -> SMCState:
 def build_kernel(
     propagate_fn: PropagateFn,
     resample_fn: Callable[..., Array] = systematic_resample,
-    ess_threshold: float = 0.5,
+    ess_threshold: float | Array = 0.5,
     sharding: jax.sharding.Sharding | None = None,
 ) -> Callable[[Key, SMCState], tuple[SMCState, SMCInfo]]:
     """The SMC transition `kernel(key, state) -> (state, info)`.
@@ -104,11 +104,11 @@ def build_kernel(
       propagate_fn: `(key, particles, step) -> (new_particles, log_increments)`.
       resample_fn: resampling scheme (`feynkit.core` signature).
       ess_threshold: resample when ESS < ess_threshold · n; 0 never resamples (importance
-        sampling), 1 resamples at every step with non-uniform weights.
+        sampling), 1 resamples at every step with non-uniform weights. May be a traced scalar.
       sharding: if given, particles are constrained to it after each step (keeps them split
         over a device mesh after resampling gathers).
     """
-    if not 0.0 <= ess_threshold <= 1.0:
+    if isinstance(ess_threshold, int | float) and not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}.")
 
     def kernel(key: Key, state: SMCState) -> tuple[SMCState, SMCInfo]:

@@ -182,6 +182,7 @@ def fkc_kernel(
     Step k moves t_k → t_{k+1} (Δ = t_k − t_{k+1} > 0):
       x ← x + [−f(t_k) x + g(t_k)² S(x, t_k)] Δ + g(t_k) √Δ ξ,   log w += G(x, t_k) Δ.
     With `weighted=False` the increments are zero and nothing is resampled: the naive sampler.
+    `weighted` may also be a traced boolean scalar, so that one compiled function runs both.
     """
     ts = _time_grid(num_steps, t_max, t_min)
     schedule = sde.schedule
@@ -194,12 +195,19 @@ def fkc_kernel(
         drift = -schedule.drift_coef(t) * x + g2 * score
         noise = jax.random.normal(key, x.shape, x.dtype)
         x_new = x + drift * dt + jnp.sqrt(g2 * dt) * noise
-        log_inc = rate * dt if weighted else jnp.zeros(x.shape[:1], x.dtype)
+        log_inc = jnp.where(weighted, rate * dt, jnp.zeros_like(rate))
         return x_new, log_inc
 
-    return base.build_kernel(
-        propagate, resample_fn, ess_threshold if weighted else 0.0, sharding=sharding
+    threshold = (
+        jnp.where(weighted, ess_threshold, 0.0)
+        if _traced(weighted)
+        else (ess_threshold if weighted else 0.0)
     )
+    return base.build_kernel(propagate, resample_fn, threshold, sharding=sharding)
+
+
+def _traced(flag) -> bool:
+    return isinstance(flag, jax.Array)
 
 
 def fkc_init(
@@ -215,9 +223,10 @@ def fkc_init(
     scale = 1.0 / jnp.sqrt(sde.total_exponent)
     x = scale * jax.random.normal(key, (num_particles, dim))
     log_w = None
-    if weighted and sde.log_density is not None:
+    if sde.log_density is not None and (_traced(weighted) or weighted):
         log_q = jnp.sum(norm.logpdf(x, scale=scale), -1)
         log_w = sde.log_density(x, jnp.asarray(t_max)) - log_q
+        log_w = jnp.where(weighted, log_w, jnp.zeros_like(log_w))
     return base.init(x, log_w)
 
 
@@ -241,7 +250,8 @@ def fkc_sample(
       sde: from `annealed_sde`, `product_sde`, `cfg_sde` or `geometric_sde`.
       num_particles, dim: particle count and dimension.
       num_steps: Euler–Maruyama steps from t_max to t_min.
-      weighted: False gives the naive baseline (same SDE, no weights, no resampling).
+      weighted: False gives the naive baseline (same SDE, no weights, no resampling); a traced
+        boolean scalar selects at run time.
       resample_fn, ess_threshold: adaptive resampling of the SMC loop.
       mesh: shard the particles over this mesh (`feynkit.core.particle_mesh()`).
 
