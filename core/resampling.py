@@ -158,7 +158,7 @@ def adaptive_resample(
       log_weights: unnormalised log-weights, shape (n,).
       resample_fn: a resampling scheme with the shared signature.
       ess_threshold: fraction of n below which to resample; 0 never resamples, 1 always
-        resamples unless the weights are exactly uniform (ESS = n is not < n).
+        resamples at every step (even for uniform weights, whose float ESS can round below n).
 
     Returns:
       `(particles, log_weights, ancestors, resampled)`: after resampling the log-weights are all

@@ -62,7 +62,8 @@ def conditional_ess(
     """Conditional ESS of an incremental reweighting, n (Σ W_i v_i)² / Σ W_i v_i².
 
     W are the normalised current weights and v_i = exp(log_increments_i) the incremental weights;
-    the value lies in [1, n] and equals n when the increments are constant.
+    the value lies in (0, n] (it can fall below 1 when the increments favour particles of
+    small current weight) and equals n when the increments are constant.
 
     References:
       Zhou, Johansen & Aston (2016), "Toward automatic model comparison: an adaptive sequential
@@ -88,6 +89,11 @@ def check_log_weights(log_weights: ArrayLike, name: str = "log_weights") -> None
         raise ValueError(
             f"{name} contains NaN ({int(np.isnan(w).sum())} of {w.size}); a potential or "
             "score returned NaN: check the model and the step size."
+        )
+    if np.isposinf(w).any():
+        raise ValueError(
+            f"{name} contains +inf ({int(np.isposinf(w).sum())} of {w.size}): normalising would "
+            "give NaN; a potential overflowed, check its scale or the step size."
         )
     if not np.isfinite(w).any():
         raise ValueError(

@@ -185,3 +185,8 @@ def test_grad_of_log_mean_exp_is_softmax():
     g = jax.grad(log_mean_exp)(x)
     w = np.exp(np.asarray(x, np.float64) - _lse(x))
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
+
+
+def test_check_log_weights_rejects_positive_infinity():
+    with pytest.raises(ValueError, match=r"\+inf"):
+        check_log_weights(np.array([0.0, np.inf, -1.0]))
