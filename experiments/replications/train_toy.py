@@ -195,7 +195,6 @@ def run(cfg, out_dir: Path) -> Results:
     cond = jax.block_until_ready(sample(params, k_cond, labels))
     res.metric("sample_seconds", time.perf_counter() - t0)
     uncond = sample(params, k_uncond, labels, label_free=True)
-    untrained = sample(model.init_params(jax.random.key(1), 2), k_cond, labels)
 
     ref_np = np.asarray(ref, np.float64)
     chol = np.linalg.cholesky(np.cov(ref_np, rowvar=False))
@@ -207,7 +206,6 @@ def run(cfg, out_dir: Path) -> Results:
         "data_floor": energy_distance(ref, data),
         "baseline_gaussian": energy_distance(gauss, data),
         "baseline_standard_normal": energy_distance(jax.random.normal(k_base, (n, 2)), data),
-        "baseline_untrained": energy_distance(untrained, data),
     }
     for name, value in ed.items():
         res.metric(f"energy_distance.{name}", value)
