@@ -12,14 +12,11 @@ infeasible beyond ~1e4). Ratios are feynkit time / baseline time (lower is faste
 """
 
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine_line, time_fn  # noqa: E402 (sibling module of the scripts)
 
 import feynkit as fk
 
@@ -31,37 +28,6 @@ def baseline_resample(key, log_weights, num_samples):
     u = jax.random.uniform(key, (num_samples,)) * cdf[-1]
     idx = jnp.searchsorted(cdf, u, side="right")
     return jnp.minimum(idx, log_weights.shape[0] - 1).astype(jnp.int32)
-
-
-def time_fn(fn, args, repeats, min_time):
-    """Median seconds per call of a jitted `fn(*args)` after a warm-up call."""
-    jax.block_until_ready(fn(*args))
-    number, elapsed = 1, 0.0
-    while True:  # calibrate the number of calls per measurement
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        elapsed = time.perf_counter() - t0
-        if elapsed >= min_time or number >= 1 << 16:
-            break
-        number *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / number)
-    return statistics.median(samples)
-
-
-def machine_line():
-    dev = jax.devices()[0]
-    return (
-        f"JAX {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
-        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
-    )
 
 
 def main():

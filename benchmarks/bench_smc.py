@@ -15,14 +15,11 @@ mean of enough back-to-back calls to last `--min-time` seconds. Ratio = feynkit 
 """
 
 import argparse
-import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import machine_line, time_fn  # noqa: E402 (sibling module of the scripts)
 from jax.scipy.special import logsumexp
 
 import feynkit as fk
@@ -63,36 +60,6 @@ def make_inline_step(step_size, tau, ess_threshold):
         return x, log_w, log_z + inc, resample
 
     return step
-
-
-def time_fn(fn, args, repeats, min_time):
-    """Median seconds per call of a jitted `fn(*args)` after a warm-up call."""
-    jax.block_until_ready(fn(*args))
-    number = 1
-    while True:  # calibrate the number of calls per measurement
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        if time.perf_counter() - t0 >= min_time or number >= 1 << 16:
-            break
-        number *= 2
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        samples.append((time.perf_counter() - t0) / number)
-    return statistics.median(samples)
-
-
-def machine_line():
-    dev = jax.devices()[0]
-    return (
-        f"JAX {jax.__version__}, backend {jax.default_backend()} ({dev.device_kind}), "
-        f"{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
-    )
 
 
 def main():
