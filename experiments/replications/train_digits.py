@@ -101,6 +101,19 @@ def penultimate_features(classifier: nn.Module, params, x: jax.Array, t) -> jax.
     return captured[0]
 
 
+def digits_judge(classifier: nn.Module, params):
+    """``judge(x) -> (features, logits)`` of clean images (clipped to [−1, 1], t = 0), jitted:
+    the feature space of `fd_digits` and the classifier that scores class accuracy."""
+
+    @jax.jit
+    def judge(x):
+        x = jnp.clip(x, -1.0, 1.0)
+        t = jnp.zeros(x.shape[:1])
+        return penultimate_features(classifier, params, x, t), classifier.forward(params, x, t)
+
+    return judge
+
+
 def _models(ex: TrainDigitsConfig) -> tuple[UNet, ImageClassifier]:
     unet = UNet(ex.channels, NUM_CLASSES, ex.time_features)
     classifier = ImageClassifier(NUM_CLASSES, ex.classifier_channels, ex.time_features)
@@ -153,18 +166,23 @@ def _train(model, loss_fn, data, steps, lr, ex, key, desc, checkpoint_dir):
     return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
 
 
-@register("train_digits", TrainDigitsConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, TrainDigitsConfig, SMOKE)
-    tr.quiet_checkpoint_logging()
-    res = Results("train_digits", cfg.seed)
-    key = jax.random.key(cfg.seed)
+def trained_digits_models(
+    ex: TrainDigitsConfig | None = None, seed: int = 0, split=None
+) -> tuple[tuple[UNet, ImageClassifier], dict[str, tr.CachedModel]]:
+    """The `train_digits` models and their parameters, from the model cache or trained.
+
+    Returns ``((unet, classifier), {"unet": CachedModel, "classifier": CachedModel})``: the
+    class-conditional ε-prediction UNet (linear VP schedule; label ``None`` is the null label)
+    and the noise-aware classifier ``classifier.forward(params, x, t) -> logits``. Replications
+    of guidance methods share these; `ex` defaults to the `train_digits` default config.
+    """
+    ex = TrainDigitsConfig() if ex is None else ex
+    split = load_digits_split() if split is None else split
+    key = jax.random.key(seed)
     schedule = LinearSchedule()
-    split = load_digits_split()
     train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
     unet, classifier = _models(ex)
-    unet_cfg, clf_cfg = _defining_configs(ex, cfg.seed)
-
+    unet_cfg, clf_cfg = _defining_configs(ex, seed)
     unet_loss = tr.denoising_score_loss(
         unet.forward, schedule, NUM_CLASSES, ex.label_dropout, ex.t_min
     )
@@ -185,6 +203,19 @@ def run(cfg, out_dir: Path) -> Results:
             _train, model, loss_fn, train_data, steps, lr, ex, jax.random.fold_in(key, i), name
         )
         cached[name] = tr.cached_train(defining, train_fn, directory=ex.cache_dir)
+    return (unet, classifier), cached
+
+
+@register("train_digits", TrainDigitsConfig)
+def run(cfg, out_dir: Path) -> Results:
+    ex = tr.experiment_config(cfg, TrainDigitsConfig, SMOKE)
+    tr.quiet_checkpoint_logging()
+    res = Results("train_digits", cfg.seed)
+    key = jax.random.key(cfg.seed)
+    schedule = LinearSchedule()
+    split = load_digits_split()
+    train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
+    (unet, classifier), cached = trained_digits_models(ex, cfg.seed, split)
     for name, c in cached.items():
         save_checkpoint(Path(out_dir) / "checkpoints" / name, 0, c.params)
         res.metric(f"cache_hit.{name}", float(c.hit))
@@ -195,13 +226,7 @@ def run(cfg, out_dir: Path) -> Results:
     res.metric("cache_hit", float(all(c.hit for c in cached.values())))
     unet_params, clf_params = cached["unet"].params, cached["classifier"].params
 
-    @jax.jit
-    def features_and_logits(x):
-        x = jnp.clip(x, -1.0, 1.0)
-        t = jnp.zeros(x.shape[:1])
-        return penultimate_features(classifier, clf_params, x, t), classifier.forward(
-            clf_params, x, t
-        )
+    features_and_logits = digits_judge(classifier, clf_params)
 
     n = ex.samples_per_class * NUM_CLASSES
     labels = jnp.repeat(jnp.arange(NUM_CLASSES), ex.samples_per_class)

@@ -129,6 +129,29 @@ def train_lm(ex: TrainLMConfig, model: TransformerLM, tokens: np.ndarray, key, c
     return state.params, info
 
 
+def trained_lm(
+    ex: TrainLMConfig | None = None, seed: int = 0, corpus=None
+) -> tuple[TransformerLM, tr.CachedModel]:
+    """The `train_lm` model and its parameters: from the model cache, or trained (and cached).
+
+    Other replications (quantization, pruning, decoding) call this to share one trained LM;
+    `ex` defaults to the `train_lm` experiment's default config.
+    """
+    ex = TrainLMConfig() if ex is None else ex
+    if corpus is None:
+        corpus = load_stdlib_corpus(
+            max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions)
+        )
+    model = _model(ex)
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    cached = tr.cached_train(
+        _defining_config(ex, seed),
+        functools.partial(train_lm, ex, model, corpus.train, key),
+        directory=ex.cache_dir,
+    )
+    return model, cached
+
+
 def validation_nll(model, params, tokens: np.ndarray, seq_len: int, batch_size: int):
     """Mean NLL (nats/token) over consecutive windows of seq_len + 1 tokens, the number of tokens
     scored, and the scoring throughput in tokens/s (compilation excluded)."""
@@ -188,12 +211,7 @@ def run(cfg, out_dir: Path) -> Results:
     key = jax.random.key(cfg.seed)
     corpus = load_stdlib_corpus(max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions))
     res.metric("corpus_train_bytes", len(corpus.train))
-    model = _model(ex)
-    cached = tr.cached_train(
-        _defining_config(ex, cfg.seed),
-        functools.partial(train_lm, ex, model, corpus.train, jax.random.fold_in(key, 0)),
-        directory=ex.cache_dir,
-    )
+    model, cached = trained_lm(ex, cfg.seed, corpus)
     params = cached.params
     save_checkpoint(Path(out_dir) / "checkpoints" / "transformer_lm", ex.steps, params)
     res.metric("cache_hit", float(cached.hit))

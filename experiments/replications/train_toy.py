@@ -156,6 +156,24 @@ def train_score_mlp(ex: TrainToyConfig, key: jax.Array, checkpoint_dir: Path | N
     return state.params, info
 
 
+def trained_toy_model(
+    ex: TrainToyConfig | None = None, seed: int = 0
+) -> tuple[ScoreMLP, tr.CachedModel]:
+    """The `train_toy` conditional ScoreMLP and its parameters, from the model cache or trained.
+
+    ε-prediction on the linear VP schedule; ``model.forward(params, x, t, label)`` with label
+    ``None`` (or ``ex.num_modes``) for the unconditional branch. Replications of guidance
+    methods share this model; `ex` defaults to the `train_toy` experiment's default config.
+    """
+    ex = TrainToyConfig() if ex is None else ex
+    cached = tr.cached_train(
+        _defining_config(ex, seed),
+        functools.partial(train_score_mlp, ex, jax.random.fold_in(jax.random.key(seed), 0)),
+        directory=ex.cache_dir,
+    )
+    return _model(ex), cached
+
+
 @register("train_toy", TrainToyConfig)
 def run(cfg, out_dir: Path) -> Results:
     ex = tr.experiment_config(cfg, TrainToyConfig, SMOKE)
@@ -163,12 +181,7 @@ def run(cfg, out_dir: Path) -> Results:
     res = Results("train_toy", cfg.seed)
     key = jax.random.key(cfg.seed)
     schedule = LinearSchedule()
-    model = _model(ex)
-    cached = tr.cached_train(
-        _defining_config(ex, cfg.seed),
-        functools.partial(train_score_mlp, ex, jax.random.fold_in(key, 0)),
-        directory=ex.cache_dir,
-    )
+    model, cached = trained_toy_model(ex, cfg.seed)
     params = cached.params
     save_checkpoint(Path(out_dir) / "checkpoints" / "score_mlp", ex.steps, params)
     res.metric("cache_hit", float(cached.hit))
