@@ -1,5 +1,5 @@
 """Inference-time methods: `smc` (Feynman–Kac/SMC), `diffusion`, `vi`, `decoding`."""
 
-from feynkit.inference import smc
+from feynkit.inference import diffusion, smc
 
-__all__ = ["smc"]
+__all__ = ["diffusion", "smc"]

@@ -42,9 +42,11 @@ def _load_all() -> None:
     # Imported here, not at module import, so that `feynkit.experiments.replications` stays
     # cheap and a broken replication does not break the others' imports.
     from feynkit.experiments.replications import (  # noqa: F401
+        fkc_cfg_digits,
         fkc_gmm,
         train_digits,
         train_lm,
         train_toy,
         train_vae,
+        verifier_scaling,
     )

@@ -167,16 +167,19 @@ def _train(model, loss_fn, data, steps, lr, ex, key, desc, checkpoint_dir):
 
 
 def trained_digits_models(
-    ex: TrainDigitsConfig | None = None, seed: int = 0, split=None
+    ex: TrainDigitsConfig | None = None, seed: int = 0, split=None, smoke: bool = False
 ) -> tuple[tuple[UNet, ImageClassifier], dict[str, tr.CachedModel]]:
     """The `train_digits` models and their parameters, from the model cache or trained.
 
     Returns ``((unet, classifier), {"unet": CachedModel, "classifier": CachedModel})``: the
     class-conditional ε-prediction UNet (linear VP schedule; label ``None`` is the null label)
     and the noise-aware classifier ``classifier.forward(params, x, t) -> logits``. Replications
-    of guidance methods share these; `ex` defaults to the `train_digits` default config.
+    of guidance methods share these; `ex` defaults to the `train_digits` default config, and
+    ``smoke=True`` applies the smoke settings (small, quickly trained models for smoke runs).
     """
     ex = TrainDigitsConfig() if ex is None else ex
+    if smoke:
+        ex = dataclasses.replace(ex, **SMOKE)
     split = load_digits_split() if split is None else split
     key = jax.random.key(seed)
     schedule = LinearSchedule()

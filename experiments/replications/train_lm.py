@@ -130,14 +130,17 @@ def train_lm(ex: TrainLMConfig, model: TransformerLM, tokens: np.ndarray, key, c
 
 
 def trained_lm(
-    ex: TrainLMConfig | None = None, seed: int = 0, corpus=None
+    ex: TrainLMConfig | None = None, seed: int = 0, corpus=None, smoke: bool = False
 ) -> tuple[TransformerLM, tr.CachedModel]:
     """The `train_lm` model and its parameters: from the model cache, or trained (and cached).
 
     Other replications (quantization, pruning, decoding) call this to share one trained LM;
-    `ex` defaults to the `train_lm` experiment's default config.
+    `ex` defaults to the `train_lm` experiment's default config; ``smoke=True`` applies the
+    smoke settings (a small, quickly trained model for smoke runs).
     """
     ex = TrainLMConfig() if ex is None else ex
+    if smoke:
+        ex = dataclasses.replace(ex, **SMOKE)
     if corpus is None:
         corpus = load_stdlib_corpus(
             max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions)

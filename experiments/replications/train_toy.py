@@ -157,7 +157,7 @@ def train_score_mlp(ex: TrainToyConfig, key: jax.Array, checkpoint_dir: Path | N
 
 
 def trained_toy_model(
-    ex: TrainToyConfig | None = None, seed: int = 0
+    ex: TrainToyConfig | None = None, seed: int = 0, smoke: bool = False
 ) -> tuple[ScoreMLP, tr.CachedModel]:
     """The `train_toy` conditional ScoreMLP and its parameters, from the model cache or trained.
 
@@ -166,6 +166,8 @@ def trained_toy_model(
     methods share this model; `ex` defaults to the `train_toy` experiment's default config.
     """
     ex = TrainToyConfig() if ex is None else ex
+    if smoke:
+        ex = dataclasses.replace(ex, **SMOKE)
     cached = tr.cached_train(
         _defining_config(ex, seed),
         functools.partial(train_score_mlp, ex, jax.random.fold_in(jax.random.key(seed), 0)),

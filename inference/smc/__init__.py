@@ -32,3 +32,20 @@ __all__ += [
     "geometric_sde",
     "product_sde",
 ]
+
+from feynkit.inference.smc.steering import (  # noqa: E402
+    POTENTIALS,
+    SteeringResult,
+    best_of_n,
+    fk_steering,
+)
+
+__all__ += ["POTENTIALS", "SteeringResult", "best_of_n", "fk_steering"]
+
+from feynkit.inference.smc.verifier import (  # noqa: E402
+    resample_until_accepted,
+    verifier_accuracy,
+    verifier_ceiling,
+)
+
+__all__ += ["resample_until_accepted", "verifier_accuracy", "verifier_ceiling"]

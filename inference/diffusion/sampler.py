@@ -1,0 +1,246 @@
+"""One sampling loop for every solver and every guidance method.
+
+A sampling run integrates from t_max (noise) down to t_min (data) over a decreasing time grid,
+in one `lax.scan`. Three pieces combine:
+
+- the **model**: ``model_fn(x, t, **cond) -> output`` (a Flax model's ``forward`` with its
+  parameters bound, an analytic score, a quantized model — anything), whose output kind
+  ("eps", "x0", "v", "score", "velocity") `as_denoiser` turns into a `Prediction` (x̂₀, ε̂);
+- the **guidance**: a `Guidance` (init, combine, needs_uncond) that merges the conditional and
+  unconditional predictions, ``combine(cond, uncond, state, t) -> (prediction, state)``, with
+  a state for methods that have one (APG's momentum, Adaptive Guidance's switch). When
+  ``needs_uncond(state, t)`` is false the unconditional branch is *not evaluated* (`lax.cond`)
+  and ``combine`` receives the conditional prediction twice: the saving is in wall time, not
+  only in counted evaluations;
+- the **solver**: a `Solver` (init, step) that advances x from t to t_next given a
+  ``predict(x, t, carry) -> (Prediction, carry)`` it may call once or several times per step
+  (Heun calls it twice). The carry threads the guidance state and the evaluation count.
+
+`SampleInfo.nfe` counts network evaluations per sample (a conditional and an unconditional
+evaluation count two, even when batched together).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from feynkit.core.types import Array, ArrayLike, Key
+from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
+
+__all__ = [
+    "Guidance",
+    "PredictFn",
+    "SampleInfo",
+    "Solver",
+    "guided_predict_fn",
+    "sample",
+    "time_grid",
+]
+
+# predict(x, t, carry) -> (Prediction, carry)
+PredictFn = Callable[[Array, Array, Any], tuple[Prediction, Any]]
+
+
+class Guidance(NamedTuple):
+    """A guidance method: ``combine(cond, uncond, state, t) -> (prediction, state)``.
+
+    Attributes:
+      init: ``init(x) -> state`` (``None`` for stateless methods).
+      combine: merges the conditional and unconditional `Prediction` at time t.
+      needs_uncond: ``needs_uncond(state, t) -> bool`` (traced); ``None`` means always. When
+        false, the unconditional branch is skipped and ``combine`` gets the conditional
+        prediction as both arguments.
+    """
+
+    init: Callable[[Array], Any]
+    combine: Callable[[Prediction, Prediction, Any, Array], tuple[Prediction, Any]]
+    needs_uncond: Callable[[Any, Array], Array] | None = None
+
+
+class Solver(NamedTuple):
+    """A diffusion solver: ``init(x) -> state``;
+    ``step(key, x, state, predict, carry, t, t_next) -> (x_next, state, carry)``.
+
+    `schedule` gives α_t, σ_t (and the SDE coefficients) the solver integrates.
+    """
+
+    init: Callable[[Array], Any]
+    step: Callable[..., tuple[Array, Any, Any]]
+    schedule: Any
+
+
+class SampleInfo(NamedTuple):
+    """Diagnostics of a run: network evaluations per sample, and the trajectory if asked for
+    (x at every grid time, t_max first)."""
+
+    nfe: Array
+    trajectory: Array | None = None
+
+
+def _concat(a: Any, b: Any) -> Any:
+    return jax.tree.map(lambda u, v: jnp.concatenate([jnp.asarray(u), jnp.asarray(v)]), a, b)
+
+
+def guided_predict_fn(
+    denoise: Callable[..., Prediction],
+    guidance: Guidance | None = None,
+    cond: dict[str, Any] | None = None,
+    uncond: dict[str, Any] | None = None,
+    batch_branches: bool = True,
+) -> PredictFn:
+    """``predict(x, t, (guidance_state, nfe)) -> (Prediction, (guidance_state, nfe))``.
+
+    Without guidance the model is evaluated once, with ``cond``. With guidance, the conditional
+    (``cond``) and unconditional (``uncond``) branches are evaluated — as one batch of 2B when
+    `batch_branches` — unless ``guidance.needs_uncond`` says otherwise.
+    """
+    cond = {} if cond is None else cond
+    uncond = {} if uncond is None else uncond
+
+    def predict(x: Array, t: Array, carry: Any) -> tuple[Prediction, Any]:
+        gstate, nfe = carry
+        if guidance is None:
+            return denoise(x, t, **cond), (gstate, nfe + 1)
+
+        def both(x):
+            if batch_branches:
+                p = denoise(jnp.concatenate([x, x]), t, **_concat(cond, uncond))
+                b = x.shape[0]
+                return jax.tree.map(lambda u: u[:b], p), jax.tree.map(lambda u: u[b:], p)
+            return denoise(x, t, **cond), denoise(x, t, **uncond)
+
+        def cond_only(x):
+            p = denoise(x, t, **cond)
+            return p, p
+
+        if guidance.needs_uncond is None:
+            pc, pu = both(x)
+            used = jnp.asarray(1, nfe.dtype)
+        else:
+            use = jnp.asarray(guidance.needs_uncond(gstate, t), bool)
+            pc, pu = jax.lax.cond(use, both, cond_only, x)
+            used = use.astype(nfe.dtype)
+        out, gstate = guidance.combine(pc, pu, gstate, t)
+        return out, (gstate, nfe + 1 + used)
+
+    return predict
+
+
+def sample(
+    key: Key,
+    solver: Solver,
+    model_fn: Callable[..., Array],
+    x_init: ArrayLike,
+    timesteps: ArrayLike,
+    *,
+    prediction: str = "eps",
+    guidance: Guidance | None = None,
+    cond: dict[str, Any] | None = None,
+    uncond: dict[str, Any] | None = None,
+    denoise_final: bool = False,
+    return_trajectory: bool = False,
+    batch_branches: bool = True,
+) -> tuple[Array, SampleInfo]:
+    """Integrate from ``timesteps[0]`` to ``timesteps[-1]`` with `solver`, in one `lax.scan`.
+
+    Args:
+      key: PRNG key; step i uses ``fold_in(key, i)``.
+      solver: e.g. ``ddim(schedule, eta=0.0)``.
+      model_fn: ``model_fn(x, t, **cond) -> output`` with t of shape (batch,).
+      x_init: the starting point at ``timesteps[0]`` (e.g. N(0, σ_max² I) noise), (batch, ...).
+      timesteps: decreasing times, shape (num_steps + 1,), e.g. `time_grid`.
+      prediction: the model's output kind (see `feynkit.inference.diffusion.prediction`), or
+        "prediction" when ``model_fn`` already returns a `Prediction`.
+      guidance: a `Guidance`, or None for a plain conditional (or unconditional) run.
+      cond, uncond: keyword arguments of the conditional and unconditional model calls, e.g.
+        ``{"label": y}`` and ``{"label": jnp.full_like(y, num_classes)}``.
+      denoise_final: return x̂₀ at the last time instead of x (one more evaluation).
+      return_trajectory: also return x at every grid time in ``SampleInfo.trajectory``.
+      batch_branches: evaluate conditional and unconditional branches as one batch.
+
+    Returns:
+      (x, SampleInfo) with x of the shape of x_init.
+    """
+    x = jnp.asarray(x_init)
+    ts = jnp.asarray(timesteps, x.dtype)
+    if ts.ndim != 1 or ts.shape[0] < 2:
+        raise ValueError(f"timesteps must be a 1-D grid of ≥ 2 times, got shape {ts.shape}.")
+    denoise = as_denoiser(model_fn, solver.schedule, prediction)
+    predict = guided_predict_fn(denoise, guidance, cond, uncond, batch_branches)
+    gstate = None if guidance is None else guidance.init(x)
+    carry0 = (gstate, jnp.zeros((), jnp.int32))
+    num_steps = ts.shape[0] - 1
+
+    def body(state, inputs):
+        x, sstate, carry = state
+        i, t, t_next = inputs
+        x, sstate, carry = solver.step(
+            jax.random.fold_in(key, i), x, sstate, predict, carry, t, t_next
+        )
+        return (x, sstate, carry), (x if return_trajectory else None)
+
+    steps = (jnp.arange(num_steps), ts[:-1], ts[1:])
+    (x_out, _, carry), traj = jax.lax.scan(body, (x, solver.init(x), carry0), steps)
+    if denoise_final:
+        pred, carry = predict(x_out, ts[-1], carry)
+        x_out = pred.x0
+    if return_trajectory:
+        traj = jnp.concatenate([x[None], traj])
+    return x_out, SampleInfo(carry[1], traj)
+
+
+def time_grid(
+    num_steps: int,
+    t_max: float = 1.0,
+    t_min: float = 1e-3,
+    spacing: str = "uniform",
+    schedule: Any = None,
+    rho: float = 7.0,
+) -> Array:
+    """A decreasing grid of ``num_steps + 1`` times from t_max to t_min.
+
+    spacing:
+      "uniform": equal steps in t.
+      "log_snr": equal steps in λ_t = log(α_t²/σ_t²) (needs `schedule`).
+      "edm": Karras et al. (2022) eq. 5 in σ̃ = σ/α: σ̃_i = (σ̃_max^{1/ρ} + i/N (σ̃_min^{1/ρ} −
+        σ̃_max^{1/ρ}))^ρ (needs `schedule`).
+    The last two invert t ↦ λ_t by bisection (λ_t decreases in t).
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be ≥ 1, got {num_steps}.")
+    if not t_max > t_min:
+        raise ValueError(f"need t_max > t_min, got t_max={t_max}, t_min={t_min}.")
+    u = jnp.linspace(0.0, 1.0, num_steps + 1)
+    if spacing == "uniform":
+        return t_max + u * (t_min - t_max)
+    if spacing not in ("log_snr", "edm"):
+        raise ValueError(f"unknown spacing {spacing!r}; choose uniform, log_snr or edm.")
+    if schedule is None:
+        raise ValueError(f"spacing={spacing!r} needs the schedule.")
+    lam_max, lam_min = schedule.log_snr(t_min), schedule.log_snr(t_max)
+    if spacing == "log_snr":
+        lam = lam_min + u * (lam_max - lam_min)
+    else:  # σ̃ = exp(−λ/2)
+        s_max, s_min = jnp.exp(-0.5 * lam_min), jnp.exp(-0.5 * lam_max)
+        s = (s_max ** (1 / rho) + u * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
+        lam = -2.0 * jnp.log(s)
+    return _invert_log_snr(schedule, lam, t_min, t_max)
+
+
+def _invert_log_snr(schedule: Any, lam: Array, t_min: float, t_max: float) -> Array:
+    lo = jnp.full_like(lam, t_min)
+    hi = jnp.full_like(lam, t_max)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = schedule.log_snr(mid) > lam  # λ decreasing: the root lies later
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
+    t = 0.5 * (lo + hi)
+    return t.at[0].set(t_max).at[-1].set(t_min)

@@ -1,0 +1,185 @@
+"""Inference-time scaling for flow models: interpolant conversion and rollover budget forcing.
+
+**Interpolant conversion.** Two schedules (α_t, σ_t) and (α'_s, σ'_s) describe the same family
+of noisy marginals up to scale: a point x' = α'_s x₀ + σ'_s ε of the second is (α'_s/α_t) times a
+point of the first at the time t with the same signal-to-noise ratio α_t/σ_t = α'_s/σ'_s. So a
+model trained on one (a rectified flow, α = 1 − t, σ = t) predicts (x̂₀, ε̂) on the other (VP)
+by evaluating it at x = (α_t/α'_s) x' and t(s), and the same (x̂₀, ε̂) hold — which turns a
+deterministic flow into a VP-SDE sampler with particles (`euler_maruyama`, `ddim(η > 0)`).
+
+**Rollover budget forcing (RBF).** With a budget of network evaluations spread over the steps,
+each step proposes stochastic moves x_{t_{k+1}} ~ SDE(x_{t_k}) one at a time and scores the
+denoised estimate of each (one evaluation, reused by the next step); it accepts the first
+proposal whose reward beats the current one, and hands the unused evaluations of its share to
+the next step. When a step's share runs out without improvement, the best proposal is taken.
+
+References:
+  Kim, Yoon, Lee & Sung (2025), "Inference-Time Scaling for Flow Models via Stochastic Generation
+  and Rollover Budget Forcing", §3–4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from feynkit.core.types import Array, ArrayLike, Key
+from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
+from feynkit.inference.diffusion.sampler import Solver, guided_predict_fn
+
+__all__ = ["RBFResult", "convert_interpolant", "matching_time", "rollover_budget_forcing"]
+
+
+def matching_time(schedule: Any, snr_ratio: Array, t_min: float = 0.0, t_max: float = 1.0):
+    """The time t of `schedule` with α_t/σ_t = `snr_ratio` (bisection; α/σ decreases in t)."""
+    ratio = jnp.asarray(snr_ratio)
+    lo, hi = jnp.full_like(ratio, t_min), jnp.full_like(ratio, t_max)
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        above = schedule.alpha(mid) > ratio * schedule.sigma(mid)  # SNR too high: go later
+        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
+
+    lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
+    return 0.5 * (lo + hi)
+
+
+def convert_interpolant(
+    model_fn: Callable[..., Array], kind: str, source: Any, target: Any
+) -> Callable[..., Prediction]:
+    """A model of the `source` schedule (output `kind`) as a `Prediction` model on `target`.
+
+    Use the result with ``prediction="prediction"`` and a solver on `target`.
+    """
+    denoise = as_denoiser(model_fn, source, kind)
+    eps = 1e-6
+
+    def converted(x: Array, t: Array, **cond: Any) -> Prediction:
+        s = t[0]  # the sampler broadcasts one time over the batch
+        ratio = target.alpha(s) / jnp.maximum(target.sigma(s), eps)
+        t_src = matching_time(source, ratio, eps, 1.0 - eps)
+        scale = source.alpha(t_src) / target.alpha(s)
+        return denoise(x * scale, t_src, **cond)
+
+    return converted
+
+
+class RBFResult(NamedTuple):
+    """Final x̂₀, its reward, evaluations used per chain, and accepted improvements per step."""
+
+    x0: Array
+    reward: Array
+    nfe: Array
+    accepted: Array
+
+
+class _Chain(NamedTuple):
+    x: Array
+    pred: Prediction
+    reward: Array
+    rollover: Array
+
+
+def rollover_budget_forcing(
+    key: Key,
+    solver: Solver,
+    model_fn: Callable[..., Array],
+    x_init: ArrayLike,
+    timesteps: ArrayLike,
+    reward_fn: Callable[[Array], Array],
+    budget: int,
+    *,
+    prediction: str = "eps",
+    cond: dict[str, Any] | None = None,
+) -> RBFResult:
+    """RBF search over a batch of independent chains (each with its own budget).
+
+    Args:
+      key: PRNG key.
+      solver: a stochastic solver (e.g. ``euler_maruyama`` or ``ddim(schedule, 1.0)``): its
+        step's first evaluation is the (cached) prediction at the current point.
+      model_fn, prediction, cond: as in `sample`.
+      x_init: (b, ...) chains at ``timesteps[0]``.
+      reward_fn: ``r(x̂₀) -> (b,)``.
+      budget: network evaluations per chain, including the one at the start; at least one per
+        step. Its share per step is ``(budget − 1) // num_steps`` plus what earlier steps left.
+
+    Returns:
+      `RBFResult` (the chains' x̂₀ at the last time and their rewards).
+    """
+    x = jnp.asarray(x_init)
+    ts = jnp.asarray(timesteps, x.dtype)
+    num_steps = ts.shape[0] - 1
+    share = (budget - 1) // num_steps
+    if share < 1:
+        raise ValueError(
+            f"budget={budget} is too small for {num_steps} steps: RBF needs at least "
+            f"{num_steps + 1} evaluations per chain."
+        )
+    b = x.shape[0]
+    predict = guided_predict_fn(as_denoiser(model_fn, solver.schedule, prediction), None, cond)
+    nfe0 = jnp.zeros((), jnp.int32)
+
+    def rewards(pred: Prediction) -> Array:
+        r = jnp.asarray(reward_fn(pred.x0))
+        if r.shape != (b,):
+            raise ValueError(f"reward_fn must return shape ({b},), got {r.shape}.")
+        return r
+
+    def propose(k, chain: _Chain, t, t_next):
+        calls = []
+
+        def cached(xq, tq, carry):
+            if not calls:
+                calls.append(None)
+                return chain.pred, carry
+            return predict(xq, tq, carry)
+
+        carry = (None, nfe0)
+        x_new, _, carry = solver.step(k, chain.x, solver.init(chain.x), cached, carry, t, t_next)
+        pred, (_, used) = predict(x_new, t_next, carry)
+        return x_new, pred, rewards(pred), used
+
+    def step(chain: _Chain, inputs):
+        i, t, t_next = inputs
+        avail = chain.rollover + share  # this step's evaluations, per chain
+        k_step = jax.random.fold_in(key, i)
+
+        def keep_going(c):
+            return jnp.any(~c[1])
+
+        def body(c):
+            j, done, used, best, first, accepted = c
+            x_c, pred_c, r_c, cost = propose(jax.random.fold_in(k_step, j), chain, t, t_next)
+            cand = _Chain(x_c, pred_c, r_c, chain.rollover)
+            live = ~done
+            used = used + jnp.where(live, cost, 0)
+            best = _select(live & (r_c > best.reward), cand, best)
+            improved = live & (r_c > chain.reward)
+            first = _select(improved, cand, first)
+            done = done | improved | (used >= avail)
+            return j + 1, done, used, best, first, accepted | improved
+
+        none = _Chain(chain.x, chain.pred, jnp.full_like(chain.reward, -jnp.inf), chain.rollover)
+        no = jnp.zeros((b,), bool)
+        init = (jnp.asarray(0), no, jnp.zeros((b,), jnp.int32), none, none, no)
+        _, _, used, best, first, accepted = jax.lax.while_loop(keep_going, body, init)
+        chosen = _select(accepted, first, best)
+        return chosen._replace(rollover=avail - used), (used, accepted)
+
+    pred0, _ = predict(x, ts[0], (None, nfe0))
+    chain0 = _Chain(x, pred0, rewards(pred0), jnp.zeros((b,), jnp.int32))
+    steps = (jnp.arange(num_steps), ts[:-1], ts[1:])
+    final, (used, accepted) = jax.lax.scan(step, chain0, steps)
+    return RBFResult(final.pred.x0, final.reward, 1 + jnp.sum(used, axis=0), accepted)
+
+
+def _select(mask: Array, a: Any, b: Any) -> Any:
+    """Per chain: a where mask else b, over every leaf (leading axis = chain)."""
+    return jax.tree.map(
+        lambda u, v: jnp.where(mask.reshape(mask.shape + (1,) * (u.ndim - 1)), u, v), a, b
+    )
