@@ -13,7 +13,13 @@ from feynkit.core.resampling import (
     stratified_resample,
     systematic_resample,
 )
-from feynkit.core.schedules import CosineSchedule, LinearSchedule, VPSchedule, get_schedule
+from feynkit.core.schedules import (
+    CosineSchedule,
+    LinearSchedule,
+    RectifiedFlowSchedule,
+    VPSchedule,
+    get_schedule,
+)
 from feynkit.core.weights import (
     check_log_weights,
     conditional_ess,
@@ -27,6 +33,7 @@ __all__ = [
     "RESAMPLERS",
     "CosineSchedule",
     "LinearSchedule",
+    "RectifiedFlowSchedule",
     "VPSchedule",
     "adaptive_resample",
     "check_log_weights",

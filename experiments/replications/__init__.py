@@ -42,11 +42,23 @@ def _load_all() -> None:
     # Imported here, not at module import, so that `feynkit.experiments.replications` stays
     # cheap and a broken replication does not break the others' imports.
     from feynkit.experiments.replications import (  # noqa: F401
+        bdia_inversion,
+        dfloat11,
         fkc_cfg_digits,
         fkc_gmm,
+        flow_scaling,
+        guidance_adaptive,
+        guidance_apg,
+        guidance_cfgpp,
+        guidance_classifier,
+        integer_ops,
+        kv_cache,
+        quant_ppl,
+        svdquant_w4a4,
         train_digits,
         train_lm,
         train_toy,
         train_vae,
+        tweedie,
         verifier_scaling,
     )

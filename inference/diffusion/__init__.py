@@ -1,5 +1,36 @@
 """Diffusion sampling: predictions, one sampler loop, solvers, guidance, Tweedie, inversion."""
 
+from feynkit.inference.diffusion.adaptive_guidance import (
+    AdaptiveGuidanceState,
+    LinearAGState,
+    adaptive_guidance,
+    cosine_similarity,
+    fit_linear_ag,
+    linear_ag,
+    linear_ag_calibration,
+)
+from feynkit.inference.diffusion.bdia import BDIAState, bdia, bdia_invert, bdia_sample
+from feynkit.inference.diffusion.classifier_guidance import (
+    calibrated_log_prob,
+    classifier_guided_model,
+    ece,
+    fit_temperature,
+    sine_scale_schedule,
+)
+from feynkit.inference.diffusion.guidance import (
+    APGState,
+    apg,
+    cfg,
+    cfg_pp,
+    cfg_pp_equivalent_scale,
+    guided_ddim_inversion,
+    project_onto,
+)
+from feynkit.inference.diffusion.noise2score import (
+    noise2score_gamma,
+    noise2score_gaussian,
+    noise2score_poisson,
+)
 from feynkit.inference.diffusion.prediction import (
     PREDICTION_KINDS,
     Prediction,
@@ -16,9 +47,66 @@ from feynkit.inference.diffusion.sampler import (
     sample,
     time_grid,
 )
-from feynkit.inference.diffusion.solvers import ddim
+from feynkit.inference.diffusion.scaling import (
+    RBFResult,
+    convert_interpolant,
+    matching_time,
+    rollover_budget_forcing,
+)
+from feynkit.inference.diffusion.solvers import (
+    DPMSolverState,
+    ddim,
+    ddpm,
+    dpm_solver_pp_2m,
+    euler_maruyama,
+    flow_euler,
+    flow_heun,
+    heun,
+    probability_flow,
+    probability_flow_heun,
+)
+from feynkit.inference.diffusion.tweedie import (
+    dae_score,
+    score_jacobian,
+    tweedie_covariance,
+    tweedie_covariance_diag_hutchinson,
+    tweedie_mean,
+    tweedie_trace_hutchinson,
+)
 
 __all__ = [
+    "DPMSolverState",
+    "RBFResult",
+    "convert_interpolant",
+    "matching_time",
+    "rollover_budget_forcing",
+    "ddpm",
+    "dpm_solver_pp_2m",
+    "euler_maruyama",
+    "flow_euler",
+    "flow_heun",
+    "heun",
+    "probability_flow",
+    "probability_flow_heun",
+    "AdaptiveGuidanceState",
+    "LinearAGState",
+    "adaptive_guidance",
+    "cosine_similarity",
+    "fit_linear_ag",
+    "linear_ag",
+    "linear_ag_calibration",
+    "calibrated_log_prob",
+    "classifier_guided_model",
+    "ece",
+    "fit_temperature",
+    "sine_scale_schedule",
+    "APGState",
+    "apg",
+    "cfg",
+    "cfg_pp",
+    "cfg_pp_equivalent_scale",
+    "guided_ddim_inversion",
+    "project_onto",
     "PREDICTION_KINDS",
     "Guidance",
     "PredictFn",
@@ -32,4 +120,17 @@ __all__ = [
     "sample",
     "time_grid",
     "to_prediction",
+    "BDIAState",
+    "bdia",
+    "bdia_invert",
+    "bdia_sample",
+    "noise2score_gamma",
+    "noise2score_gaussian",
+    "noise2score_poisson",
+    "dae_score",
+    "score_jacobian",
+    "tweedie_covariance",
+    "tweedie_covariance_diag_hutchinson",
+    "tweedie_mean",
+    "tweedie_trace_hutchinson",
 ]

@@ -53,13 +53,14 @@ def convert_interpolant(
 ) -> Callable[..., Prediction]:
     """A model of the `source` schedule (output `kind`) as a `Prediction` model on `target`.
 
-    Use the result with ``prediction="prediction"`` and a solver on `target`.
+    Use the result with ``prediction="prediction"`` and a solver on `target`; it takes t as a
+    scalar (what `sample` passes to "prediction" models) or broadcast over the batch.
     """
     denoise = as_denoiser(model_fn, source, kind)
     eps = 1e-6
 
     def converted(x: Array, t: Array, **cond: Any) -> Prediction:
-        s = t[0]  # the sampler broadcasts one time over the batch
+        s = jnp.reshape(t, (-1,))[0]  # a scalar, or one time broadcast over the batch
         ratio = target.alpha(s) / jnp.maximum(target.sigma(s), eps)
         t_src = matching_time(source, ratio, eps, 1.0 - eps)
         scale = source.alpha(t_src) / target.alpha(s)

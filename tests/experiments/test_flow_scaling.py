@@ -1,0 +1,10 @@
+"""flow_scaling: the smoke run end to end (small toy model trained once per session)."""
+
+from tests.experiments.smoke import smoke_run
+
+
+def test_smoke(tmp_path):
+    m = smoke_run("flow_scaling", tmp_path)["metrics"]
+    for n in (1, 2):
+        assert m[f"rbf_sde.mean_nfe.x{n}"] <= n * 5  # budget: n runs of 4 steps + 1
+        assert m[f"best_of_n_ode.reward.x{n}"] <= 0.0
