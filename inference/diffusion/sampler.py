@@ -215,8 +215,8 @@ def time_grid(
     if not t_max > t_min:
         raise ValueError(f"need t_max > t_min, got t_max={t_max}, t_min={t_min}.")
     u = jnp.linspace(0.0, 1.0, num_steps + 1)
-    if spacing == "uniform":
-        return t_max + u * (t_min - t_max)
+    if spacing == "uniform":  # this form hits both ends exactly in float32
+        return (1.0 - u) * t_max + u * t_min
     if spacing not in ("log_snr", "edm"):
         raise ValueError(f"unknown spacing {spacing!r}; choose uniform, log_snr or edm.")
     if schedule is None:

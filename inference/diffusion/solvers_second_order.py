@@ -33,11 +33,12 @@ def heun(schedule: Any) -> Solver:
         Euler:     x̃' = x̃ + (σ̃_s − σ̃_t) d₁ = x̂₀ + σ̃_s ε̂           (= DDIM)
         corrector: x̃_s = x̃ + (σ̃_s − σ̃_t)(d₁ + d₂)/2 = x̃' + (σ̃_s − σ̃_t)(ε̂₂ − ε̂₁)/2,
 
-    with (x̂₀, ε̂₁) at (x, t) and ε̂₂ at (α_s x̃', s); x_s = α_s x̃_s. The corrector is skipped
-    (Euler, one evaluation) when σ̃_s = 0. Any VP (or other) schedule maps to this variance-
-    exploding form, so it is Karras et al.'s sampler on σ̃ = exp(−λ/2) for the grid the caller
-    gives (e.g. `time_grid(..., spacing="edm")`). Second order; two evaluations per step. Needs
-    α_t > 0 (t_max < 1 on rectified flow).
+    with (x̂₀, ε̂₁) at (x, t) and ε̂₂ at (α_s x̃', s); x_s = α_s x̃_s. The slope is read as ε̂
+    (pair form), which equals EDM's (x̃ − D)/σ̃ for a consistent pair and avoids its cancellation
+    at small σ̃. The corrector is skipped (Euler, one evaluation) when σ̃_s = 0. Any VP (or
+    other) schedule maps to this variance-exploding form, so it is Karras et al.'s sampler on
+    σ̃ = exp(−λ/2) for the grid the caller gives (e.g. `time_grid(..., spacing="edm")`). Second
+    order; two evaluations per step. Needs α_t > 0 (t_max < 1 on rectified flow).
 
     References:
       Karras, Aittala, Aila & Laine (2022), "Elucidating the Design Space of Diffusion-Based

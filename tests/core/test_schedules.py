@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from feynkit.core import CosineSchedule, LinearSchedule, VPSchedule, get_schedule
+from feynkit.core import (
+    CosineSchedule,
+    LinearSchedule,
+    RectifiedFlowSchedule,
+    VPSchedule,
+    get_schedule,
+)
 
 SCHEDULES = [
     LinearSchedule(),
@@ -127,7 +133,7 @@ def test_get_schedule():
     assert sched == LinearSchedule(0.2, 10.0)
     assert get_schedule("cosine") == CosineSchedule()
     assert isinstance(get_schedule("cosine", s=0.01), VPSchedule)
-    with pytest.raises(ValueError, match=r"unknown schedule 'quadratic'.*\['cosine', 'linear'\]"):
+    with pytest.raises(ValueError, match=r"unknown schedule 'quadratic'.*\['cosine', 'linear', "):
         get_schedule("quadratic")
     with pytest.raises(ValueError, match="beta_min"):
         get_schedule("linear", beta_min=-1.0)
@@ -140,3 +146,54 @@ def test_schedule_is_static_under_jit():
         np.testing.assert_allclose(f(t, sched), sched.alpha(t) * sched.sigma(t), rtol=1e-6)
     # Frozen dataclasses hash by value: an equal schedule reuses the compiled function.
     assert hash(LinearSchedule()) == hash(LinearSchedule(0.1, 20.0))
+
+
+# --- rectified flow: α_t = 1 − t, σ_t = t (not variance preserving) ---------------------------
+
+
+def test_rectified_flow_closed_forms_float64():
+    sched = RectifiedFlowSchedule()
+    t = T.astype(np.float64)
+    with jax.enable_x64(True):
+        tt = jnp.asarray(t)
+        np.testing.assert_allclose(sched.alpha(tt), 1 - t, rtol=1e-15)
+        np.testing.assert_allclose(sched.sigma(tt), t, rtol=1e-15)
+        np.testing.assert_allclose(sched.dalpha_dt(tt), -np.ones_like(t))
+        np.testing.assert_allclose(sched.dsigma_dt(tt), np.ones_like(t))
+        np.testing.assert_allclose(sched.log_alpha(tt), np.log1p(-t), rtol=1e-12)
+        np.testing.assert_allclose(sched.drift_coef(tt), -1 / (1 - t), rtol=1e-12)
+        np.testing.assert_allclose(sched.beta(tt), 2 * t / (1 - t), rtol=1e-12)
+        np.testing.assert_allclose(sched.diffusion(tt), np.sqrt(2 * t / (1 - t)), rtol=1e-12)
+        np.testing.assert_allclose(sched.log_snr(tt), np.log((1 - t) ** 2 / t**2), rtol=1e-12)
+    assert not isinstance(sched, VPSchedule)
+    assert float(sched.alpha(0.0)) == 1.0 and float(sched.sigma(0.0)) == 0.0
+    assert float(sched.alpha(1.0)) == 0.0 and float(sched.sigma(1.0)) == 1.0
+    assert sched.dalpha_dt(jnp.zeros(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_rectified_flow_sde_coefficients_by_autodiff():
+    """f = d log α/dt and g² = dσ²/dt − 2 f σ² (the SDE with marginals N(α x₀, σ² I))."""
+    sched = RectifiedFlowSchedule()
+    t = jnp.asarray(T)
+    grad = lambda f: jax.vmap(jax.grad(f))(t)  # noqa: E731
+    np.testing.assert_allclose(sched.dalpha_dt(t), grad(sched.alpha), rtol=1e-6)
+    np.testing.assert_allclose(sched.dsigma_dt(t), grad(sched.sigma), rtol=1e-6)
+    f = grad(sched.log_alpha)
+    np.testing.assert_allclose(sched.drift_coef(t), f, rtol=1e-5)
+    g2 = grad(lambda u: sched.sigma(u) ** 2) - 2 * f * sched.sigma(t) ** 2
+    np.testing.assert_allclose(sched.beta(t), g2, rtol=1e-4, atol=1e-6)
+    # The same identity holds for the VP schedules (there g² = β).
+    for vp in SCHEDULES:
+        f = grad(vp.log_alpha)
+        g2 = grad(lambda u, vp=vp: vp.sigma(u) ** 2) - 2 * f * vp.sigma(t) ** 2
+        np.testing.assert_allclose(vp.beta(t), g2, rtol=2e-3, atol=1e-4)
+
+
+def test_rectified_flow_monotone_and_registered():
+    sched = get_schedule("rectified_flow")
+    assert sched == RectifiedFlowSchedule() and hash(sched) == hash(RectifiedFlowSchedule())
+    t = jnp.asarray(np.linspace(0.01, 0.99, 100).astype(np.float32))
+    assert np.all(np.diff(np.asarray(sched.log_snr(t))) < 0)
+    assert np.all(np.diff(np.asarray(sched.beta(t))) > 0)
+    f = jax.jit(lambda t, s: s.alpha(t) * s.sigma(t), static_argnums=1)
+    np.testing.assert_allclose(f(t, sched), (1 - t) * t, rtol=1e-6)

@@ -1,8 +1,11 @@
 """flow_scaling: the smoke run end to end (small toy model trained once per session)."""
 
+import pytest
+
 from tests.experiments.smoke import smoke_run
 
 
+@pytest.mark.slow
 def test_smoke(tmp_path):
     m = smoke_run("flow_scaling", tmp_path)["metrics"]
     for n in (1, 2):

@@ -1,32 +1,14 @@
 """Smoke runs of the quantization replications through the Hydra config and `run_experiment`."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import feynkit
-from feynkit.experiments import train as tr
+from tests.experiments.smoke import smoke_run
 
 
 def _smoke(name, tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from feynkit.experiments.run import register_configs, run_experiment
-
-    monkeypatch.setenv(tr.CACHE_ENV, str(tmp_path / "cache"))
-    register_configs()
-    config_dir = Path(feynkit.__file__).parent / "configs"
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose("config", overrides=[f"experiment={name}", "smoke=true"])
-    res = run_experiment(cfg, tmp_path / "run")
-    written = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert written["experiment"] == name and written["config"]["smoke"] is True
-    assert all(np.isfinite(v) for v in written["metrics"].values())
-    assert written["claims"] and res.figures
-    assert all((tmp_path / "run" / f).is_file() for f in res.figures)
-    return written["metrics"]
+    """The shared smoke check; returns the metrics."""
+    return smoke_run(name, tmp_path / "run")["metrics"]
 
 
 @pytest.mark.slow

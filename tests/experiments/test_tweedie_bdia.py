@@ -1,33 +1,17 @@
 """Smoke runs of the `tweedie` and `bdia_inversion` replications through `run_experiment`."""
 
-import json
-from pathlib import Path
+import pytest
 
-import numpy as np
-
-import feynkit
+from tests.experiments.smoke import smoke_run
 
 
 def _smoke(name, tmp_path, monkeypatch):
-    from hydra import compose, initialize_config_dir
-
-    from feynkit.experiments import train as tr
-    from feynkit.experiments.run import register_configs, run_experiment
-
-    monkeypatch.setenv(tr.CACHE_ENV, str(tmp_path / "cache"))
-    register_configs()
-    config_dir = Path(feynkit.__file__).parent / "configs"
-    with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-        cfg = compose("config", overrides=[f"experiment={name}", "smoke=true"])
-    out = tmp_path / "run"
-    res = run_experiment(cfg, out)
-    written = json.loads((out / "results.json").read_text())
-    assert written["experiment"] == name and written["config"]["smoke"] is True
-    assert all(np.isfinite(v) for v in written["metrics"].values())
-    assert written["claims"] and res.figures and all((out / f).is_file() for f in res.figures)
+    """The shared smoke check; returns (metrics, claims by name)."""
+    written = smoke_run(name, tmp_path / "run")
     return written["metrics"], {c["name"]: c for c in written["claims"]}
 
 
+@pytest.mark.slow
 def test_tweedie_smoke(tmp_path, monkeypatch):
     metrics, claims = _smoke("tweedie", tmp_path, monkeypatch)
     # exact-score Tweedie moments hold even at smoke scale
@@ -39,6 +23,7 @@ def test_tweedie_smoke(tmp_path, monkeypatch):
         assert metrics[f"noise2score.{noise}.mse_noisy"] > 0
 
 
+@pytest.mark.slow
 def test_bdia_inversion_smoke(tmp_path, monkeypatch):
     metrics, claims = _smoke("bdia_inversion", tmp_path, monkeypatch)
     assert metrics["toy.bdia.recon.max_error"] < 1e-3
