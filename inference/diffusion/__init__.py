@@ -44,6 +44,7 @@ from feynkit.inference.diffusion.sampler import (
     SampleInfo,
     Solver,
     guided_predict_fn,
+    reuse_first_prediction,
     sample,
     time_grid,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "ddim",
     "from_prediction",
     "guided_predict_fn",
+    "reuse_first_prediction",
     "sample",
     "time_grid",
     "to_prediction",

@@ -37,6 +37,7 @@ __all__ = [
     "SampleInfo",
     "Solver",
     "guided_predict_fn",
+    "reuse_first_prediction",
     "sample",
     "time_grid",
 ]
@@ -128,6 +129,25 @@ def guided_predict_fn(
         return out, (gstate, nfe + 1 + used)
 
     return predict
+
+
+def reuse_first_prediction(predict: PredictFn, pred: Prediction) -> PredictFn:
+    """`predict` whose first call returns `pred` (known to be the prediction at the point and
+    time the solver step starts from) without evaluating the model; later calls evaluate.
+
+    Particle methods (FK steering, rollover budget forcing) evaluate the model at each new
+    point to score it, and hand that prediction to the next solver step through this wrapper,
+    so a step costs no more evaluations than in a plain run.
+    """
+    used = []
+
+    def cached(x: Array, t: Array, carry: Any) -> tuple[Prediction, Any]:
+        if not used:  # trace-time bookkeeping: a solver step calls predict in a fixed order
+            used.append(True)
+            return pred, carry
+        return predict(x, t, carry)
+
+    return cached
 
 
 def sample(

@@ -28,7 +28,11 @@ import jax.numpy as jnp
 
 from feynkit.core.types import Array, ArrayLike, Key
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
-from feynkit.inference.diffusion.sampler import Solver, guided_predict_fn
+from feynkit.inference.diffusion.sampler import (
+    Solver,
+    guided_predict_fn,
+    reuse_first_prediction,
+)
 
 __all__ = ["RBFResult", "convert_interpolant", "matching_time", "rollover_budget_forcing"]
 
@@ -132,13 +136,7 @@ def rollover_budget_forcing(
         return r
 
     def propose(k, chain: _Chain, t, t_next):
-        calls = []
-
-        def cached(xq, tq, carry):
-            if not calls:
-                calls.append(None)
-                return chain.pred, carry
-            return predict(xq, tq, carry)
+        cached = reuse_first_prediction(predict, chain.pred)
 
         carry = (None, nfe0)
         x_new, _, carry = solver.step(k, chain.x, solver.init(chain.x), cached, carry, t, t_next)

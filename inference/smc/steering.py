@@ -39,7 +39,12 @@ import jax.numpy as jnp
 from feynkit.core import systematic_resample
 from feynkit.core.types import Array, ArrayLike, Key
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
-from feynkit.inference.diffusion.sampler import Guidance, Solver, guided_predict_fn
+from feynkit.inference.diffusion.sampler import (
+    Guidance,
+    Solver,
+    guided_predict_fn,
+    reuse_first_prediction,
+)
 from feynkit.inference.smc import base
 
 __all__ = ["POTENTIALS", "SteeringResult", "best_of_n", "fk_steering"]
@@ -133,13 +138,7 @@ def fk_steering(
     def propagate(k: Key, p: _Particle, step: Array):
         t, t_next = ts[step], ts[step + 1]
         gstate = jax.tree.map(lambda s: s[0], p.guidance_state)
-        calls = []
-
-        def cached_predict(xq, tq, carry):
-            if not calls:  # the first call of a step is at the particle's own point and time
-                calls.append(None)
-                return p.pred, carry
-            return predict(xq, tq, carry)
+        cached_predict = reuse_first_prediction(predict, p.pred)
 
         carry = (gstate, p.nfe[0])
         x_new, sstate, carry = solver.step(k, p.x, p.solver_state, cached_predict, carry, t, t_next)
