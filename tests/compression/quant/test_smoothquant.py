@@ -13,26 +13,15 @@ from feynkit.compression.quant.smoothquant import (
     smoothquant_apply,
     smoothquant_linear,
 )
-
-
-def _outlier_layer(seed=0, n=256, d_in=64, d_out=48, boost=30.0):
-    """Gaussian inputs with 3 outlier channels (×boost), as in LLM activations."""
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d_in)).astype(np.float32)
-    x[:, :3] *= boost
-    w = (rng.normal(size=(d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
-    return x, w
+from tests.compression.quant._outliers import outlier_layer, rel_err
 
 
 def _rel_err(x, w, layer):
-    y = x.astype(np.float64) @ w.astype(np.float64)
-    return float(
-        np.sum((np.asarray(smoothquant_apply(layer, x), np.float64) - y) ** 2) / np.sum(y**2)
-    )
+    return rel_err(x, w, smoothquant_apply(layer, x))
 
 
 def test_smooth_scales_formula_and_shared_inputs():
-    x, w = _outlier_layer()
+    x, w = outlier_layer()
     am = np.abs(x).max(0)
     np.testing.assert_allclose(activation_absmax(x), am, rtol=1e-6)
     s = smooth_scales(am, w, alpha=0.5)
@@ -48,13 +37,13 @@ def test_smooth_scales_formula_and_shared_inputs():
 
 
 def test_smoothing_is_exact_before_quantization():
-    x, w = _outlier_layer(1)
+    x, w = outlier_layer(1)
     s = np.asarray(smooth_scales(activation_absmax(x), w), np.float64)
     np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-4, atol=1e-3)
 
 
 def test_per_token_activation_error_is_at_most_half_a_step():
-    x, _ = _outlier_layer(2)
+    x, _ = outlier_layer(2)
     for bits, gs in ((8, None), (4, None), (4, 16)):
         xq = np.asarray(quantize_activations(x, bits, gs))
         groups = x.reshape(x.shape[0], -1, gs or x.shape[1])
@@ -65,7 +54,7 @@ def test_per_token_activation_error_is_at_most_half_a_step():
 
 @pytest.mark.parametrize("bits,gs", [(8, None), (4, 16)])
 def test_smoothing_beats_plain_rtn_with_activation_outliers(bits, gs):
-    x, w = _outlier_layer(3)
+    x, w = outlier_layer(3)
     kw = dict(w_bits=bits, a_bits=bits, w_group_size=gs, a_group_size=gs)
     plain = _rel_err(x, w, smoothquant_linear(w, None, **kw))
     smooth = _rel_err(x, w, smoothquant_linear(w, activation_absmax(x), **kw))
@@ -74,7 +63,7 @@ def test_smoothing_beats_plain_rtn_with_activation_outliers(bits, gs):
 
 
 def test_weight_only_and_jit():
-    x, w = _outlier_layer(4)
+    x, w = outlier_layer(4)
     layer = smoothquant_linear(w, activation_absmax(x), w_bits=8, a_bits=None)
     assert isinstance(layer, SmoothQuantLinear) and layer.a_bits is None
     assert _rel_err(x, w, layer) < 1e-4
@@ -85,7 +74,7 @@ def test_weight_only_and_jit():
 
 
 def test_bad_inputs():
-    x, w = _outlier_layer()
+    x, w = outlier_layer()
     with pytest.raises(ValueError, match="alpha"):
         smooth_scales(activation_absmax(x), w, alpha=1.5)
     with pytest.raises(ValueError, match="d_in"):

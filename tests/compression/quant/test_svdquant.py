@@ -13,19 +13,11 @@ from feynkit.compression.quant.smoothquant import (
     smoothquant_linear,
 )
 from feynkit.compression.quant.svdquant import SVDQuantLinear, svdquant_apply, svdquant_linear
+from tests.compression.quant._outliers import outlier_layer, rel_err
 
 
-def _outlier_layer(seed=0, n=512, d_in=128, d_out=128, boost=30.0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, d_in)).astype(np.float32)
-    x[:, :4] *= boost
-    w = (rng.normal(size=(d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
-    return x, w
-
-
-def _rel_err(x, w, out):
-    y = x.astype(np.float64) @ w.astype(np.float64)
-    return float(np.sum((np.asarray(out, np.float64) - y) ** 2) / np.sum(y**2))
+def _outlier_layer(seed=0, n=512, d_in=128, d_out=128):
+    return outlier_layer(seed, n, d_in, d_out, num_outliers=4)
 
 
 def test_residual_is_the_svd_tail_of_the_smoothed_weight():
@@ -49,16 +41,16 @@ def test_full_rank_branch_is_exact_without_activation_quantization():
     layer = svdquant_linear(
         w, activation_absmax(x), rank=64, a_bits=None, lowrank_dtype=jnp.float32
     )
-    assert _rel_err(x, w, svdquant_apply(layer, x)) < 1e-9
+    assert rel_err(x, w, svdquant_apply(layer, x)) < 1e-9
 
 
 def test_w4a4_error_far_below_plain_and_smoothquant():
     x, w = _outlier_layer(2)
     am = activation_absmax(x)
     kw = dict(w_bits=4, a_bits=4, w_group_size=64, a_group_size=64)
-    plain = _rel_err(x, w, smoothquant_apply(smoothquant_linear(w, None, **kw), x))
-    smooth = _rel_err(x, w, smoothquant_apply(smoothquant_linear(w, am, **kw), x))
-    errs = [_rel_err(x, w, svdquant_apply(svdquant_linear(w, am, rank=r), x)) for r in (8, 32)]
+    plain = rel_err(x, w, smoothquant_apply(smoothquant_linear(w, None, **kw), x))
+    smooth = rel_err(x, w, smoothquant_apply(smoothquant_linear(w, am, **kw), x))
+    errs = [rel_err(x, w, svdquant_apply(svdquant_linear(w, am, rank=r), x)) for r in (8, 32)]
     assert errs[1] < errs[0] < 0.5 * min(plain, smooth)
 
 
