@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from _timing import machine_line, time_fn
 
 from feynkit.core import LinearSchedule
-from feynkit.experiments.replications.train_digits import NUM_CLASSES, trained_digits_models
+from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
+from feynkit.experiments.zoo import trained_digits_models
 from feynkit.inference.diffusion import as_denoiser, sample, solvers, time_grid
 from feynkit.inference.diffusion.adaptive_guidance import (
     adaptive_guidance,

@@ -32,7 +32,9 @@ from feynkit.compression.quant.spqr import spqr_bits_per_weight, spqr_quantize
 from feynkit.compression.quant.svdquant import svdquant_linear
 from feynkit.compression.quant.tree import LINEAR_KERNELS, match_paths
 from feynkit.compression.quant.vptq import vptq_quantize, vq_bits_per_weight
-from feynkit.experiments.replications.quant_ppl import group_for, load_lm, windows
+from feynkit.experiments.evaluation import consecutive_windows as windows
+from feynkit.experiments.evaluation import group_for
+from feynkit.experiments.zoo import load_lm
 
 METHODS = ("rtn4", "gptq4", "gptq3", "spqr3", "vptq2", "svdquant4", "eora8")
 

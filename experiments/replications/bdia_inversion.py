@@ -106,7 +106,7 @@ def _evaluate(res, prefix, eps, schedule, x0, labels, key, ex) -> dict:
 
 @register("bdia_inversion", BDIAInversionConfig)
 def run(cfg, out_dir: Path) -> Results:
-    from feynkit.experiments.replications.train_toy import trained_toy_model
+    from feynkit.experiments.zoo import trained_toy_model
 
     ex = tr.experiment_config(cfg, BDIAInversionConfig, SMOKE)
     if not (ex.gamma > 0 and ex.unstable_gamma > 0):
@@ -123,7 +123,7 @@ def run(cfg, out_dir: Path) -> Results:
     plot_data = {"toy": (np.asarray(x0), toy)}
 
     if ex.digits:
-        from feynkit.experiments.replications.train_digits import trained_digits_models
+        from feynkit.experiments.zoo import trained_digits_models
 
         split = load_digits_split()
         (unet, _), cached_d = trained_digits_models(seed=cfg.seed, split=split, smoke=cfg.smoke)

@@ -38,9 +38,9 @@ from feynkit.compression.quant.dfloat11 import (
     split_bf16,
 )
 from feynkit.experiments import train as tr
-from feynkit.experiments.data import load_stdlib_corpus
+from feynkit.experiments import zoo
+from feynkit.experiments.evaluation import mean_token_nll, scoring_windows
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications import train_lm as lm
 from feynkit.experiments.results import Results
 
 PAPER_SIZE_FRACTION = 0.70  # DFloat11 on Llama/Qwen/Mistral bf16 weights (≈ 11 bits/weight)
@@ -75,13 +75,11 @@ def run(cfg, out_dir: Path) -> Results:
     if ex.block_size < 1 or ex.eval_windows < 1:
         raise ValueError("block_size and eval_windows must be ≥ 1.")
     res = Results("dfloat11", cfg.seed)
-    lm_ex = lm.TrainLMConfig(cache_dir=ex.cache_dir)
+    lm_ex = zoo.LMConfig(cache_dir=ex.cache_dir)
     if cfg.smoke:
-        lm_ex = dataclasses.replace(lm_ex, **lm.SMOKE)
-    corpus = load_stdlib_corpus(
-        max_bytes=lm_ex.max_corpus_bytes, fractions=tuple(lm_ex.split_fractions)
-    )
-    model, cached = lm.trained_lm(lm_ex, cfg.seed, corpus)
+        lm_ex = dataclasses.replace(lm_ex, **zoo.LM_SMOKE)
+    corpus = zoo.lm_corpus(lm_ex)
+    model, cached = zoo.trained_lm(lm_ex, cfg.seed, corpus)
     flat32 = traverse_util.flatten_dict(cached.params, sep="/")
     flat16 = {p: jnp.asarray(w, jnp.bfloat16) for p, w in flat32.items()}
     matrices = {p: w for p, w in flat16.items() if w.ndim >= 2}
@@ -110,7 +108,7 @@ def run(cfg, out_dir: Path) -> Results:
     for k, v in rows.items():
         res.metric(k, v)
 
-    windows = _windows(corpus.validation, ex.eval_windows, lm_ex.seq_len)
+    windows = jnp.asarray(scoring_windows(corpus.validation, lm_ex.seq_len, ex.eval_windows))
     forward = jax.jit(model.forward)
     to32 = lambda flat: traverse_util.unflatten_dict(  # noqa: E731
         {p: jnp.asarray(w, jnp.float32) for p, w in flat.items()}, sep="/"
@@ -121,9 +119,9 @@ def run(cfg, out_dir: Path) -> Results:
     max_dlogit = float(jnp.max(jnp.abs(logits_df - logits16)))
     res.metric("max_abs_logit_diff_dfloat11_vs_bf16", max_dlogit)
     res.metric("max_abs_logit_diff_bf16_vs_float32", float(jnp.max(jnp.abs(logits16 - logits32))))
-    res.metric("val_loss_float32", _nll(logits32, windows[:, 1:]))
-    res.metric("val_loss_bf16", _nll(logits16, windows[:, 1:]))
-    res.metric("val_loss_dfloat11", _nll(logits_df, windows[:, 1:]))
+    res.metric("val_loss_float32", mean_token_nll(logits32, windows[:, 1:]))
+    res.metric("val_loss_bf16", mean_token_nll(logits16, windows[:, 1:]))
+    res.metric("val_loss_dfloat11", mean_token_nll(logits_df, windows[:, 1:]))
     res.metric("paper_size_fraction", PAPER_SIZE_FRACTION)
     print(
         f"DFloat11: {len(matrices)} matrices, {n_values} values, exponent entropy "
@@ -196,17 +194,6 @@ def _stream_bits(d: DFloat11Array, w) -> int:
     length_of = np.zeros(256, np.int64)
     length_of[symbols] = np.repeat(np.arange(len(counts)), counts)
     return int((np.bincount(split_bf16(w)[0], minlength=256) * length_of).sum())
-
-
-def _windows(tokens: np.ndarray, count: int, seq_len: int) -> jax.Array:
-    n = min(count, (len(tokens) - 1) // seq_len)
-    idx = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    return jnp.asarray(np.asarray(tokens)[idx].astype(np.int32))
-
-
-def _nll(logits, targets) -> float:
-    logp = jax.nn.log_softmax(logits, -1)
-    return float(-jnp.take_along_axis(logp, targets[..., None], -1).mean())
 
 
 def _plot(matrices, out_dir: Path) -> str:

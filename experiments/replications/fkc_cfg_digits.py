@@ -34,12 +34,9 @@ from feynkit.experiments import train as tr
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.metrics import frechet_distance_gaussians
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_digits import (
-    NUM_CLASSES,
-    digits_judge,
-    trained_digits_models,
-)
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
+from feynkit.experiments.zoo import digits_judge, trained_digits_models
 from feynkit.inference import smc
 
 IMAGE_SHAPE = (8, 8, 1)

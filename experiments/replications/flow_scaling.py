@@ -29,8 +29,8 @@ from feynkit.core.schedules import RectifiedFlowSchedule
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_toy import trained_toy_model
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import trained_toy_model
 from feynkit.inference import diffusion as dif
 from feynkit.inference import smc
 from feynkit.inference.diffusion.scaling import convert_interpolant, rollover_budget_forcing

@@ -34,13 +34,9 @@ from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers, load_digits_split
 from feynkit.experiments.metrics import energy_distance
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_digits import (
-    NUM_CLASSES,
-    digits_judge,
-    trained_digits_models,
-)
-from feynkit.experiments.replications.train_toy import trained_toy_model
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
+from feynkit.experiments.zoo import digits_judge, trained_digits_models, trained_toy_model
 from feynkit.inference.diffusion.guidance import apg, cfg
 from feynkit.inference.diffusion.sampler import sample, time_grid
 from feynkit.inference.diffusion.solvers import ddim

@@ -35,8 +35,8 @@ from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers
 from feynkit.experiments.metrics import energy_distance
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_toy import trained_toy_model
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import trained_toy_model
 from feynkit.inference.diffusion.guidance import (
     cfg,
     cfg_pp,

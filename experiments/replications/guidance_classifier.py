@@ -37,8 +37,8 @@ from feynkit.experiments.data import circle_centers, gaussian_mixture_2d
 from feynkit.experiments.losses import noisy_classifier_loss
 from feynkit.experiments.metrics import energy_distance
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_toy import TrainToyConfig, trained_toy_model
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import ToyModelConfig, trained_toy_model
 from feynkit.inference.diffusion import as_denoiser, ddim, sample, time_grid
 from feynkit.inference.diffusion.classifier_guidance import (
     classifier_guided_model,
@@ -130,7 +130,7 @@ def run(cfg, out_dir: Path) -> Results:
     res = Results("guidance_classifier", cfg.seed)
     key = jax.random.key(cfg.seed)
     schedule = LinearSchedule()
-    toy_ex = TrainToyConfig()
+    toy_ex = ToyModelConfig()
     model, cached = trained_toy_model(toy_ex, seed=cfg.seed)
     clf, clean = _train_classifier(ex, 1.0, cfg.seed)
     _, noisy = _train_classifier(ex, 0.5, cfg.seed)

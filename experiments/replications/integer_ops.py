@@ -41,9 +41,8 @@ from feynkit.compression.quant.integer_ops import (
     shiftmax_error_bound,
 )
 from feynkit.experiments import train as tr
-from feynkit.experiments.data import load_stdlib_corpus
+from feynkit.experiments import zoo
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications import train_lm as lm
 from feynkit.experiments.results import Results
 from feynkit.models.transformer import apply_rope, rope_cos_sin
 
@@ -173,13 +172,11 @@ def run(cfg, out_dir: Path) -> Results:
     if len(ex.max_layernorm_error) != len(ex.layernorm_input_bits):
         raise ValueError("max_layernorm_error needs one entry per layernorm_input_bits.")
     res = Results("integer_ops", cfg.seed)
-    lm_ex = lm.TrainLMConfig(cache_dir=ex.cache_dir)
+    lm_ex = zoo.LMConfig(cache_dir=ex.cache_dir)
     if cfg.smoke:
-        lm_ex = dataclasses.replace(lm_ex, **lm.SMOKE)
-    corpus = load_stdlib_corpus(
-        max_bytes=lm_ex.max_corpus_bytes, fractions=tuple(lm_ex.split_fractions)
-    )
-    model, cached = lm.trained_lm(lm_ex, cfg.seed, corpus)
+        lm_ex = dataclasses.replace(lm_ex, **zoo.LM_SMOKE)
+    corpus = zoo.lm_corpus(lm_ex)
+    model, cached = zoo.trained_lm(lm_ex, cfg.seed, corpus)
     val = np.asarray(corpus.validation)
     n = min(ex.eval_windows, len(val) // lm_ex.seq_len)
     tokens = jnp.asarray(val[: n * lm_ex.seq_len].reshape(n, lm_ex.seq_len).astype(np.int32))

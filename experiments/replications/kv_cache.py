@@ -29,7 +29,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from feynkit.compression.quant.kv_cache import (
     compressed_decode_logits,
@@ -39,9 +38,10 @@ from feynkit.compression.quant.kv_cache import (
 )
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import BYTE_VOCAB_SIZE, load_stdlib_corpus
+from feynkit.experiments.evaluation import mean_token_nll, scoring_windows
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_lm import TrainLMConfig, trained_lm
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import LMConfig, lm_corpus, trained_lm
 from feynkit.models import TransformerLM
 
 
@@ -85,16 +85,12 @@ def _model_and_windows(ex: KVCacheConfig, seed: int):
         params = model.init_params(jax.random.key(seed))
         corpus = load_stdlib_corpus(max_bytes=300_000, fractions=(0.8, 0.1, 0.1))
     else:
-        lm = TrainLMConfig()
-        corpus = load_stdlib_corpus(
-            max_bytes=lm.max_corpus_bytes, fractions=tuple(lm.split_fractions)
-        )
+        lm = LMConfig()
+        corpus = lm_corpus(lm)
         model, cached = trained_lm(lm, seed, corpus)
         params = cached.params
-    val = np.asarray(corpus.validation)
-    n = min(ex.num_windows, (len(val) - 1) // ex.window_len)
-    idx = np.arange(n)[:, None] * ex.window_len + np.arange(ex.window_len + 1)[None, :]
-    return model, params, jnp.asarray(val[idx].astype(np.int32))
+    windows = scoring_windows(corpus.validation, ex.window_len, ex.num_windows)
+    return model, params, jnp.asarray(windows)
 
 
 def _evaluate(model, params, windows, compressor, ex: KVCacheConfig, full_logits):
@@ -120,8 +116,7 @@ def _evaluate(model, params, windows, compressor, ex: KVCacheConfig, full_logits
 
 
 def _scores(logits, targets, full_logits):
-    logp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], -1).mean()
+    nll = mean_token_nll(logits, targets)
     agree = (logits.argmax(-1) == full_logits.argmax(-1)).mean()
     return math.exp(float(nll)), float(agree)
 

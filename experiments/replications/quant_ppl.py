@@ -45,10 +45,10 @@ from feynkit.compression.quant.spqr import spqr_bits_per_weight, spqr_dequantize
 from feynkit.compression.quant.tree import LINEAR_KERNELS, match_paths
 from feynkit.compression.quant.vptq import vptq_quantize, vq_bits_per_weight, vq_dequantize
 from feynkit.experiments import train as tr
-from feynkit.experiments.data import load_stdlib_corpus
+from feynkit.experiments.evaluation import consecutive_windows, group_for, lm_nll_fn
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications import train_lm as lm
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import load_lm
 
 
 @dataclasses.dataclass
@@ -96,33 +96,6 @@ _eora = jax.jit(eora_compensation, static_argnames="rank")
 _svd = jax.jit(svd_compensation, static_argnames="rank")
 
 
-def group_for(d_in: int, target: int) -> int:
-    """The largest divisor of d_in not above target."""
-    return max(g for g in range(1, min(d_in, target) + 1) if d_in % g == 0)
-
-
-def windows(tokens: np.ndarray, count: int, length: int, start: int = 0) -> np.ndarray:
-    """`count` consecutive non-overlapping windows of `length` tokens from `start` (int32)."""
-    need = start + count * length
-    if need > len(tokens):
-        raise ValueError(f"need {need} tokens for {count} windows of {length}, have {len(tokens)}.")
-    return np.asarray(tokens[start:need], np.int32).reshape(count, length)
-
-
-def nll_fn(model, tokens: np.ndarray, seq_len: int):
-    """A jitted params ↦ mean next-token NLL over consecutive windows (compiled once)."""
-    n_win = (len(tokens) - 1) // seq_len
-    idx = np.arange(n_win)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    w = jnp.asarray(np.asarray(tokens)[idx].astype(np.int32))
-
-    @jax.jit
-    def f(params):
-        logp = jax.nn.log_softmax(model.forward(params, w[:, :-1]), -1)
-        return -jnp.mean(jnp.take_along_axis(logp, w[:, 1:, None], -1))
-
-    return lambda params: float(f(params))
-
-
 def with_kernels(params, kernels: dict):
     """`params` with the '/'-joined kernel paths replaced."""
     flat = traverse_util.flatten_dict(params, sep="/")
@@ -135,18 +108,6 @@ def rel_layer_error(w, wh, H) -> float:
     w, d = np.asarray(w, np.float64), np.asarray(w, np.float64) - np.asarray(wh, np.float64)
     H = np.asarray(H, np.float64)
     return float(np.sum(d * (H @ d)) / np.sum(w * (H @ w)))
-
-
-def load_lm(ex) -> tuple:
-    """(model, params, corpus) of the shared trained LM (train_lm's smoke model if asked)."""
-    lm_ex = lm.TrainLMConfig(cache_dir=ex.cache_dir)
-    if ex.lm_smoke:
-        lm_ex = dataclasses.replace(lm_ex, **lm.SMOKE)
-    corpus = load_stdlib_corpus(
-        max_bytes=lm_ex.max_corpus_bytes, fractions=tuple(lm_ex.split_fractions)
-    )
-    model, cached = lm.trained_lm(lm_ex, 0, corpus)
-    return model, cached.params, corpus, lm_ex
 
 
 def _methods(ex, kernels, H, key):
@@ -201,9 +162,9 @@ def run(cfg, out_dir: Path) -> Results:
     res = Results("quant_ppl", cfg.seed)
     key = jax.random.key(cfg.seed)
     model, params, corpus, lm_ex = load_lm(ex)
-    calib = windows(corpus.train, ex.calib_windows, ex.calib_len)
+    calib = consecutive_windows(corpus.train, ex.calib_windows, ex.calib_len)
     val = corpus.validation
-    heldout = windows(val, ex.heldout_windows, ex.calib_len, start=ex.eval_tokens + 1)
+    heldout = consecutive_windows(val, ex.heldout_windows, ex.calib_len, start=ex.eval_tokens + 1)
     paths = match_paths(params, LINEAR_KERNELS)
     flat = traverse_util.flatten_dict(params, sep="/")
     kernels = {p: jnp.asarray(flat[p], jnp.float32) for p in paths}
@@ -212,7 +173,7 @@ def run(cfg, out_dir: Path) -> Results:
     H = linear_hessians(model, params, calib, LINEAR_KERNELS)
     H_test = linear_hessians(model, params, heldout, LINEAR_KERNELS)
     res.metric("calibration_seconds", time.perf_counter() - t0)
-    nll = nll_fn(model, val[: ex.eval_tokens + 1], lm_ex.seq_len)
+    nll = lm_nll_fn(model.forward, val[: ex.eval_tokens + 1], lm_ex.seq_len)
     ppl = {"float": math.exp(nll(params))}
     res.metric("float.ppl", ppl["float"])
     res.metric("float.bits", 16.0)

@@ -45,9 +45,15 @@ from feynkit.compression.quant.smoothquant import (
 from feynkit.compression.quant.svdquant import svdquant_apply, svdquant_linear
 from feynkit.compression.quant.tree import LINEAR_KERNELS, match_paths
 from feynkit.experiments import train as tr
+from feynkit.experiments.evaluation import (
+    consecutive_windows,
+    group_for,
+    mean_token_nll,
+    scoring_windows,
+)
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.quant_ppl import group_for, load_lm, windows
 from feynkit.experiments.results import Results
+from feynkit.experiments.zoo import load_lm
 
 
 @dataclasses.dataclass
@@ -117,9 +123,8 @@ def replaced_forward(model, apply_fn):
     return forward
 
 
-def _nll(logits, w):
-    logp = jax.nn.log_softmax(logits, -1)
-    return -float(jnp.mean(jnp.take_along_axis(logp, w[:, 1:, None], -1)))
+def _nll(logits, w) -> float:
+    return float(mean_token_nll(logits, w[:, 1:]))
 
 
 @register("svdquant_w4a4", SVDQuantW4A4Config)
@@ -130,8 +135,10 @@ def run(cfg, out_dir: Path) -> Results:
     params = inject_outliers(params0, cfg.seed, ex.num_outliers, ex.outlier_scale)
     paths = match_paths(params, LINEAR_KERNELS)
     flat = traverse_util.flatten_dict(params, sep="/")
-    calib = windows(corpus.train, ex.calib_windows, ex.calib_len)
-    heldout = windows(corpus.validation, ex.heldout_windows, ex.calib_len, ex.eval_tokens + 1)
+    calib = consecutive_windows(corpus.train, ex.calib_windows, ex.calib_len)
+    heldout = consecutive_windows(
+        corpus.validation, ex.heldout_windows, ex.calib_len, ex.eval_tokens + 1
+    )
     xs = collect_linear_inputs(model, params, calib, LINEAR_KERNELS, batch_size=8)
     xt = collect_linear_inputs(model, params, heldout, LINEAR_KERNELS, batch_size=8)
     absmax = {p: activation_absmax(xs[p]) for p in paths}
@@ -139,9 +146,7 @@ def run(cfg, out_dir: Path) -> Results:
     res.metric("activation_max_over_median", float(np.mean(ratio)))
 
     n_win = ex.eval_tokens // lm_ex.seq_len
-    val = np.asarray(corpus.validation[: n_win * lm_ex.seq_len + 1], np.int32)
-    idx = np.arange(n_win)[:, None] * lm_ex.seq_len + np.arange(lm_ex.seq_len + 1)[None, :]
-    w_eval = jnp.asarray(val[idx])
+    w_eval = jnp.asarray(scoring_windows(corpus.validation, lm_ex.seq_len, n_win))
     ppl = {
         "float": math.exp(_nll(model.forward(params0, w_eval[:, :-1]), w_eval)),
         "float_injected": math.exp(_nll(model.forward(params, w_eval[:, :-1]), w_eval)),

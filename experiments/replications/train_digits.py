@@ -3,8 +3,9 @@
 Two models are trained (each cached by its own config): the UNet ε_θ(x_t, t, y) by denoising
 score matching with 10% null labels, and a noise-aware `ImageClassifier` (half of each batch
 clean, the rest noised along the VP path), which serves as the feature extractor and judge.
-Class-conditional samples (Euler–Maruyama on the reverse SDE, `train_toy.euler_maruyama_sample`,
-optionally with classifier-free guidance ε_u + w (ε_c − ε_u)) are scored by
+Both come from `zoo.trained_digits_models`. Class-conditional samples (`diffusion.sample` with
+`diffusion.euler_maruyama` on the reverse SDE from x₁ ~ N(0, I) to t_min, then Tweedie's x̂₀;
+optionally with classifier-free guidance ε_u + w (ε_c − ε_u), `diffusion.cfg`) are scored by
 
   fd_digits       Fréchet distance between Gaussians fitted to the classifier's penultimate
                   features (the pooled activations feeding its logits, at t = 0) of the samples
@@ -18,11 +19,9 @@ local Nash equilibrium" (FID); Ho & Salimans (2022), "Classifier-Free Diffusion 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,36 +29,18 @@ import numpy as np
 from feynkit.core.checkpoint import save_checkpoint
 from feynkit.core.schedules import LinearSchedule
 from feynkit.experiments import train as tr
+from feynkit.experiments import zoo
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.metrics import frechet_distance
 from feynkit.experiments.replications import register
-from feynkit.experiments.replications.train_toy import euler_maruyama_sample
 from feynkit.experiments.results import Results
-from feynkit.models import ImageClassifier, UNet
-
-CACHE_VERSION = 1  # bump when the training code changes what a config trains
-NUM_CLASSES = 10
+from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
+from feynkit.inference import diffusion
 
 
 @dataclasses.dataclass
-class TrainDigitsConfig:
+class TrainDigitsConfig(zoo.DigitsModelsConfig):
     name: str = "train_digits"
-    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
-    # UNet
-    channels: int = 16
-    time_features: int = 32
-    steps: int = 2500
-    batch_size: int = 128
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    label_dropout: float = 0.1
-    t_min: float = 1e-3
-    # classifier (features for fd_digits, judge for class_accuracy)
-    classifier_channels: int = 32
-    classifier_steps: int = 1500
-    classifier_learning_rate: float = 2e-3
-    clean_fraction: float = 0.5
-    checkpoint_every: int = 500
     # evaluation
     samples_per_class: int = 50
     sampler_steps: int = 200
@@ -70,143 +51,13 @@ class TrainDigitsConfig:
 
 
 SMOKE = dict(
-    channels=8,
-    time_features=16,
-    steps=150,
-    batch_size=64,
-    classifier_channels=8,
-    classifier_steps=150,
-    checkpoint_every=150,
+    **zoo.DIGITS_SMOKE,
     samples_per_class=10,
     sampler_steps=30,
     max_fd=1e6,
     baseline_factor=1e-6,  # smoke runs check the pipeline, not the quality
     min_class_accuracy=0.0,
 )
-
-
-def penultimate_features(classifier: nn.Module, params, x: jax.Array, t) -> jax.Array:
-    """The input of the classifier's final ``logits`` layer (its penultimate activations)."""
-    captured = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.module.name == "logits" and context.method_name == "__call__":
-            captured.append(args[0])
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(interceptor):
-        classifier.forward(params, x, t)
-    if len(captured) != 1:
-        raise ValueError("the classifier has no single submodule named 'logits'.")
-    return captured[0]
-
-
-def digits_judge(classifier: nn.Module, params):
-    """``judge(x) -> (features, logits)`` of clean images (clipped to [−1, 1], t = 0), jitted:
-    the feature space of `fd_digits` and the classifier that scores class accuracy."""
-
-    @jax.jit
-    def judge(x):
-        x = jnp.clip(x, -1.0, 1.0)
-        t = jnp.zeros(x.shape[:1])
-        return penultimate_features(classifier, params, x, t), classifier.forward(params, x, t)
-
-    return judge
-
-
-def _models(ex: TrainDigitsConfig) -> tuple[UNet, ImageClassifier]:
-    unet = UNet(ex.channels, NUM_CLASSES, ex.time_features)
-    classifier = ImageClassifier(NUM_CLASSES, ex.classifier_channels, ex.time_features)
-    return unet, classifier
-
-
-def _defining_configs(ex: TrainDigitsConfig, seed: int) -> tuple[dict, dict]:
-    common = {"version": CACHE_VERSION, "seed": seed, "data": "sklearn_digits_split_0.2_0"}
-    unet = {
-        "name": "train_digits-unet",
-        **common,
-        **{
-            k: getattr(ex, k)
-            for k in "channels time_features steps batch_size learning_rate warmup_steps "
-            "label_dropout t_min".split()
-        },
-    }
-    classifier = {
-        "name": "train_digits-classifier",
-        **common,
-        "channels": ex.classifier_channels,
-        "time_features": ex.time_features,
-        "steps": ex.classifier_steps,
-        "batch_size": ex.batch_size,
-        "learning_rate": ex.classifier_learning_rate,
-        "warmup_steps": ex.warmup_steps,
-        "clean_fraction": ex.clean_fraction,
-        "t_min": ex.t_min,
-    }
-    return unet, classifier
-
-
-def _train(model, loss_fn, data, steps, lr, ex, key, desc, checkpoint_dir):
-    params = jax.jit(model.init_params)(jax.random.fold_in(key, 0))
-    t0 = time.perf_counter()
-    state, history = tr.train(
-        loss_fn,
-        tr.make_optimizer(lr, steps, ex.warmup_steps),
-        params,
-        tr.array_batch_fn(ex.batch_size),
-        jax.random.fold_in(key, 1),
-        steps,
-        data=data,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=ex.checkpoint_every,
-        log_every=50,
-        steps_per_call=1,  # conv gradients run far slower inside an XLA loop on the CPU
-        desc=desc,
-    )
-    return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
-
-
-def trained_digits_models(
-    ex: TrainDigitsConfig | None = None, seed: int = 0, split=None, smoke: bool = False
-) -> tuple[tuple[UNet, ImageClassifier], dict[str, tr.CachedModel]]:
-    """The `train_digits` models and their parameters, from the model cache or trained.
-
-    Returns ``((unet, classifier), {"unet": CachedModel, "classifier": CachedModel})``: the
-    class-conditional ε-prediction UNet (linear VP schedule; label ``None`` is the null label)
-    and the noise-aware classifier ``classifier.forward(params, x, t) -> logits``. Replications
-    of guidance methods share these; `ex` defaults to the `train_digits` default config, and
-    ``smoke=True`` applies the smoke settings (small, quickly trained models for smoke runs).
-    """
-    ex = TrainDigitsConfig() if ex is None else ex
-    if smoke:
-        ex = dataclasses.replace(ex, **SMOKE)
-    split = load_digits_split() if split is None else split
-    key = jax.random.key(seed)
-    schedule = LinearSchedule()
-    train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
-    unet, classifier = _models(ex)
-    unet_cfg, clf_cfg = _defining_configs(ex, seed)
-    unet_loss = tr.denoising_score_loss(
-        unet.forward, schedule, NUM_CLASSES, ex.label_dropout, ex.t_min
-    )
-    clf_loss = tr.noisy_classifier_loss(classifier.forward, schedule, ex.t_min, ex.clean_fraction)
-    jobs = {
-        "unet": (unet_cfg, unet, unet_loss, ex.steps, ex.learning_rate),
-        "classifier": (
-            clf_cfg,
-            classifier,
-            clf_loss,
-            ex.classifier_steps,
-            ex.classifier_learning_rate,
-        ),
-    }
-    cached = {}
-    for i, (name, (defining, model, loss_fn, steps, lr)) in enumerate(jobs.items()):
-        train_fn = functools.partial(
-            _train, model, loss_fn, train_data, steps, lr, ex, jax.random.fold_in(key, i), name
-        )
-        cached[name] = tr.cached_train(defining, train_fn, directory=ex.cache_dir)
-    return (unet, classifier), cached
 
 
 @register("train_digits", TrainDigitsConfig)
@@ -218,7 +69,7 @@ def run(cfg, out_dir: Path) -> Results:
     schedule = LinearSchedule()
     split = load_digits_split()
     train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
-    (unet, classifier), cached = trained_digits_models(ex, cfg.seed, split)
+    (unet, classifier), cached = zoo.trained_digits_models(ex, cfg.seed, split)
     for name, c in cached.items():
         save_checkpoint(Path(out_dir) / "checkpoints" / name, 0, c.params)
         res.metric(f"cache_hit.{name}", float(c.hit))
@@ -229,24 +80,31 @@ def run(cfg, out_dir: Path) -> Results:
     res.metric("cache_hit", float(all(c.hit for c in cached.values())))
     unet_params, clf_params = cached["unet"].params, cached["classifier"].params
 
-    features_and_logits = digits_judge(classifier, clf_params)
+    features_and_logits = zoo.digits_judge(classifier, clf_params)
 
     n = ex.samples_per_class * NUM_CLASSES
     labels = jnp.repeat(jnp.arange(NUM_CLASSES), ex.samples_per_class)
     w = ex.guidance_weight
 
+    solver = diffusion.euler_maruyama(schedule)
+    ts = diffusion.time_grid(ex.sampler_steps, 1.0, ex.t_min)
+    guidance = None if w == 1.0 else diffusion.cfg(w)
+
     @jax.jit
     def sample(params, key):
-        def eps_fn(x, t):
-            eps_c = unet.forward(params, x, t, labels)
-            if w == 1.0:
-                return eps_c
-            eps_u = unet.forward(params, x, t, None)
-            return eps_u + w * (eps_c - eps_u)
-
-        return euler_maruyama_sample(
-            key, eps_fn, (n, 8, 8, 1), schedule, ex.sampler_steps, ex.t_min
+        k_init, k_steps = jax.random.split(key)
+        x, _ = diffusion.sample(
+            k_steps,
+            solver,
+            lambda x, t, label: unet.forward(params, x, t, label),
+            jax.random.normal(k_init, (n, 8, 8, 1)),
+            ts,
+            guidance=guidance,
+            cond={"label": labels},
+            uncond={"label": jnp.full_like(labels, NUM_CLASSES)},
+            denoise_final=True,
         )
+        return x
 
     k_sample, k_base = jax.random.split(jax.random.fold_in(key, 2))
     t0 = time.perf_counter()

@@ -14,9 +14,7 @@ decoded with the KV cache, is written to ``sample.txt``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
 from pathlib import Path
 
 import jax
@@ -25,34 +23,17 @@ import numpy as np
 
 from feynkit.core.checkpoint import save_checkpoint
 from feynkit.experiments import train as tr
-from feynkit.experiments.data import BYTE_VOCAB_SIZE, byte_decode, byte_encode, load_stdlib_corpus
+from feynkit.experiments import zoo
+from feynkit.experiments.data import BYTE_VOCAB_SIZE, byte_decode, byte_encode
+from feynkit.experiments.evaluation import windowed_nll
 from feynkit.experiments.metrics import bits_per_byte, ngram_nll
 from feynkit.experiments.replications import register
 from feynkit.experiments.results import Results
-from feynkit.models import TransformerLM
-
-CACHE_VERSION = 1  # bump when the training code changes what a config trains
 
 
 @dataclasses.dataclass
-class TrainLMConfig:
+class TrainLMConfig(zoo.LMConfig):
     name: str = "train_lm"
-    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
-    max_corpus_bytes: int = 2_000_000
-    split_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
-    # model
-    d_model: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    mlp_dim: int = 344
-    seq_len: int = 128
-    # training
-    steps: int = 1000
-    batch_size: int = 32
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.01
-    checkpoint_every: int = 400
     # evaluation
     max_eval_tokens: int = 200_000  # validation bytes scored (from the start of the split)
     eval_batch_size: int = 64
@@ -63,125 +44,11 @@ class TrainLMConfig:
 
 
 SMOKE = dict(
-    max_corpus_bytes=300_000,
-    d_model=32,
-    num_layers=1,
-    num_heads=2,
-    mlp_dim=64,
-    seq_len=32,
-    steps=100,
-    batch_size=16,
-    checkpoint_every=100,
+    **zoo.LM_SMOKE,
     max_eval_tokens=8192,
     sample_tokens=16,
     max_ppl_ratio=1e6,  # smoke runs check the pipeline, not the quality
 )
-
-
-def _model(ex: TrainLMConfig) -> TransformerLM:
-    return TransformerLM(
-        BYTE_VOCAB_SIZE,
-        ex.d_model,
-        ex.num_layers,
-        ex.num_heads,
-        mlp_dim=ex.mlp_dim,
-        max_len=max(ex.seq_len, len(byte_encode(ex.prompt)) + ex.sample_tokens),
-    )
-
-
-def _defining_config(ex: TrainLMConfig, seed: int) -> dict:
-    keep = (
-        "max_corpus_bytes split_fractions d_model num_layers num_heads mlp_dim seq_len steps "
-        "batch_size learning_rate warmup_steps weight_decay"
-    ).split()
-    return {
-        "name": "train_lm-transformer",
-        "version": CACHE_VERSION,
-        "seed": seed,
-        "data": "stdlib_corpus",
-        **{k: getattr(ex, k) for k in keep},
-    }
-
-
-def train_lm(ex: TrainLMConfig, model: TransformerLM, tokens: np.ndarray, key, checkpoint_dir):
-    params = model.init_params(jax.random.fold_in(key, 0))
-    optimizer = tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps, ex.weight_decay)
-    t0 = time.perf_counter()
-    state, history = tr.train(
-        tr.next_token_loss(model.forward),
-        optimizer,
-        params,
-        tr.window_batch_fn(ex.batch_size, ex.seq_len),
-        jax.random.fold_in(key, 1),
-        ex.steps,
-        data=jnp.asarray(tokens),
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=ex.checkpoint_every,
-        log_every=20,
-        steps_per_call=20,
-        desc="lm",
-    )
-    seconds = time.perf_counter() - t0
-    info = {"train_seconds": seconds, "history": history}
-    if len(history) > 1:  # steady state: from the end of the first (compiling) chunk
-        (s0, _, t_0), (s1, _, t_1) = history[0], history[-1]
-        info["train_tokens_per_s"] = (s1 - s0) * ex.batch_size * ex.seq_len / (t_1 - t_0)
-    return state.params, info
-
-
-def trained_lm(
-    ex: TrainLMConfig | None = None, seed: int = 0, corpus=None, smoke: bool = False
-) -> tuple[TransformerLM, tr.CachedModel]:
-    """The `train_lm` model and its parameters: from the model cache, or trained (and cached).
-
-    Other replications (quantization, pruning, decoding) call this to share one trained LM;
-    `ex` defaults to the `train_lm` experiment's default config; ``smoke=True`` applies the
-    smoke settings (a small, quickly trained model for smoke runs).
-    """
-    ex = TrainLMConfig() if ex is None else ex
-    if smoke:
-        ex = dataclasses.replace(ex, **SMOKE)
-    if corpus is None:
-        corpus = load_stdlib_corpus(
-            max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions)
-        )
-    model = _model(ex)
-    key = jax.random.fold_in(jax.random.key(seed), 0)
-    cached = tr.cached_train(
-        _defining_config(ex, seed),
-        functools.partial(train_lm, ex, model, corpus.train, key),
-        directory=ex.cache_dir,
-    )
-    return model, cached
-
-
-def validation_nll(model, params, tokens: np.ndarray, seq_len: int, batch_size: int):
-    """Mean NLL (nats/token) over consecutive windows of seq_len + 1 tokens, the number of tokens
-    scored, and the scoring throughput in tokens/s (compilation excluded)."""
-    n_win = (len(tokens) - 1) // seq_len
-    if n_win == 0:
-        raise ValueError(f"need more than {seq_len} validation tokens, got {len(tokens)}.")
-    idx = np.arange(n_win)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
-    windows = np.asarray(tokens)[idx].astype(np.int32)
-    pad = (-n_win) % batch_size
-    windows = np.concatenate([windows, np.zeros((pad, seq_len + 1), np.int32)])
-    weights = np.concatenate([np.ones(n_win), np.zeros(pad)]).astype(np.float32)
-
-    def batch_nll(params, w, mask):
-        logits = model.forward(params, w[:, :-1])
-        logp = jax.nn.log_softmax(logits, -1)
-        nll = -jnp.take_along_axis(logp, w[:, 1:, None], -1)[..., 0]
-        return jnp.sum(nll.sum(-1) * mask)
-
-    compiled = (
-        jax.jit(batch_nll).lower(params, windows[:batch_size], weights[:batch_size]).compile()
-    )
-    t0 = time.perf_counter()
-    total = 0.0
-    for s in range(0, len(windows), batch_size):
-        total += float(compiled(params, windows[s : s + batch_size], weights[s : s + batch_size]))
-    tokens_per_s = len(windows) * seq_len / (time.perf_counter() - t0)
-    return total / (n_win * seq_len), n_win * seq_len, tokens_per_s
 
 
 def sample_text(model, params, key, prompt: str, num_tokens: int, temperature: float) -> str:
@@ -191,7 +58,7 @@ def sample_text(model, params, key, prompt: str, num_tokens: int, temperature: f
 
     @jax.jit
     def generate(params, key):
-        logits, cache = model.step(params, prompt_tokens, model.init_cache(1), 0)
+        logits, cache = model.step(params, prompt_tokens, model.init_cache(1, p + num_tokens), 0)
 
         def body(carry, k):
             logits, cache, pos = carry
@@ -212,9 +79,9 @@ def run(cfg, out_dir: Path) -> Results:
     tr.quiet_checkpoint_logging()
     res = Results("train_lm", cfg.seed)
     key = jax.random.key(cfg.seed)
-    corpus = load_stdlib_corpus(max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions))
+    corpus = zoo.lm_corpus(ex)
     res.metric("corpus_train_bytes", len(corpus.train))
-    model, cached = trained_lm(ex, cfg.seed, corpus)
+    model, cached = zoo.trained_lm(ex, cfg.seed, corpus)
     params = cached.params
     save_checkpoint(Path(out_dir) / "checkpoints" / "transformer_lm", ex.steps, params)
     res.metric("cache_hit", float(cached.hit))
@@ -226,7 +93,9 @@ def run(cfg, out_dir: Path) -> Results:
         res.metric("final_train_loss", history[-1][1])
 
     val = corpus.validation[: ex.max_eval_tokens]
-    nll, scored, eval_speed = validation_nll(model, params, val, ex.seq_len, ex.eval_batch_size)
+    nll, scored, eval_speed = windowed_nll(
+        model.forward, params, val, ex.seq_len, ex.eval_batch_size
+    )
     res.metric("eval_tokens_per_s", eval_speed)
     res.metric("validation_tokens", scored)
     ppl = res.metric("validation_perplexity", math.exp(nll))

@@ -1,8 +1,9 @@
 """Training: a class-conditional ScoreMLP on the 2-D mixture of 8 Gaussians on a circle.
 
-The network is trained by denoising score matching (ε-prediction, linear VP schedule, labels
-dropped to the null label 10% of the time, on fresh draws every step) and sampled with the
-Euler–Maruyama discretisation of the reverse SDE
+The network (`zoo.trained_toy_model`) is trained by denoising score matching (ε-prediction,
+linear VP schedule, labels dropped to the null label 10% of the time, on fresh draws every step)
+and sampled through `diffusion.sample` with `diffusion.euler_maruyama`, the discretisation of the
+reverse SDE
 
     dx = [f(t) x − g(t)² s_θ(x, t, y)] dt + g(t) dW̄,   s_θ = −ε_θ/σ_t,   t: 1 → t_min,
 
@@ -14,7 +15,6 @@ moment-matched Gaussian; samples with label k land in mode k.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from pathlib import Path
 
@@ -23,37 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from feynkit.core.checkpoint import save_checkpoint
-from feynkit.core.schedules import LinearSchedule, VPSchedule
+from feynkit.core.schedules import LinearSchedule
 from feynkit.experiments import train as tr
+from feynkit.experiments import zoo
 from feynkit.experiments.data import circle_centers, gaussian_mixture_2d
 from feynkit.experiments.metrics import energy_distance, mode_weights
 from feynkit.experiments.replications import register
 from feynkit.experiments.results import Results
-from feynkit.models import ScoreMLP
-
-CACHE_VERSION = 1  # bump when the training code changes what a config trains
+from feynkit.inference import diffusion
 
 
 @dataclasses.dataclass
-class TrainToyConfig:
+class TrainToyConfig(zoo.ToyModelConfig):
     name: str = "train_toy"
-    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
-    # data: gaussian_mixture_2d
-    num_modes: int = 8
-    radius: float = 4.0
-    scale: float = 0.5
-    # model
-    hidden: int = 128
-    num_layers: int = 3
-    time_features: int = 64
-    # training
-    steps: int = 3000
-    batch_size: int = 512
-    learning_rate: float = 2e-3
-    warmup_steps: int = 100
-    label_dropout: float = 0.1
-    t_min: float = 1e-3
-    checkpoint_every: int = 1000
     # evaluation
     num_samples: int = 4000
     sampler_steps: int = 500
@@ -63,117 +45,13 @@ class TrainToyConfig:
 
 
 SMOKE = dict(
-    hidden=64,
-    num_layers=2,
-    steps=200,
-    batch_size=256,
+    **zoo.TOY_SMOKE,
     num_samples=256,
     sampler_steps=50,
-    checkpoint_every=200,
     max_energy_distance=0.5,
     min_mode_accuracy=0.5,
     baseline_factor=1.0,
 )
-
-
-def euler_maruyama_sample(
-    key: jax.Array,
-    eps_fn,
-    shape: tuple[int, ...],
-    schedule: VPSchedule,
-    num_steps: int,
-    t_min: float = 1e-3,
-) -> jax.Array:
-    """Reverse-SDE samples from ε-prediction ``eps_fn(x, t)`` (t a scalar), x₁ ~ N(0, I).
-
-    x_{t−h} = x_t − [f(t) x_t + β(t) ε(x_t, t)/σ_t] h + sqrt(β(t) h) z on a uniform grid from 1
-    to t_min, then x₀ = (x − σ ε(x, t_min))/α at t_min (Tweedie's denoiser).
-
-    References:
-      Song et al. (2021), "Score-Based Generative Modeling through Stochastic Differential
-      Equations", eq. 6.
-    """
-    ts = jnp.linspace(1.0, t_min, num_steps + 1)
-    k_init, k_steps = jax.random.split(key)
-
-    def body(x, inputs):
-        t, t_next, k = inputs
-        h = t - t_next
-        drift = schedule.drift_coef(t) * x + schedule.beta(t) * eps_fn(x, t) / schedule.sigma(t)
-        noise = jnp.sqrt(schedule.beta(t) * h) * jax.random.normal(k, shape)
-        return x - drift * h + noise, None
-
-    x0 = jax.random.normal(k_init, shape)
-    x, _ = jax.lax.scan(body, x0, (ts[:-1], ts[1:], jax.random.split(k_steps, num_steps)))
-    return (x - schedule.sigma(t_min) * eps_fn(x, t_min)) / schedule.alpha(t_min)
-
-
-def _model(ex: TrainToyConfig) -> ScoreMLP:
-    return ScoreMLP(ex.hidden, ex.num_layers, ex.num_modes, ex.time_features)
-
-
-def _defining_config(ex: TrainToyConfig, seed: int) -> dict:
-    """What the trained parameters depend on (the cache key), not evaluation settings."""
-    keep = (
-        "num_modes radius scale hidden num_layers time_features steps batch_size "
-        "learning_rate warmup_steps label_dropout t_min"
-    ).split()
-    return {
-        "name": "train_toy-score_mlp",
-        "version": CACHE_VERSION,
-        "seed": seed,
-        **{k: getattr(ex, k) for k in keep},
-    }
-
-
-def train_score_mlp(ex: TrainToyConfig, key: jax.Array, checkpoint_dir: Path | None):
-    """Train the conditional ScoreMLP on fresh mixture draws; returns (params, info)."""
-    model = _model(ex)
-    params = model.init_params(jax.random.fold_in(key, 0), 2)
-    loss_fn = tr.denoising_score_loss(
-        model.forward, LinearSchedule(), ex.num_modes, ex.label_dropout, ex.t_min
-    )
-
-    def batch_fn(data, k, step):
-        return gaussian_mixture_2d(k, ex.batch_size, ex.num_modes, ex.radius, ex.scale)
-
-    optimizer = tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps)
-    t0 = time.perf_counter()
-    state, history = tr.train(
-        loss_fn,
-        optimizer,
-        params,
-        batch_fn,
-        jax.random.fold_in(key, 1),
-        ex.steps,
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=ex.checkpoint_every,
-        log_every=100,
-        steps_per_call=100,
-        desc="score_mlp",
-    )
-    info = {"train_seconds": time.perf_counter() - t0, "history": history}
-    return state.params, info
-
-
-def trained_toy_model(
-    ex: TrainToyConfig | None = None, seed: int = 0, smoke: bool = False
-) -> tuple[ScoreMLP, tr.CachedModel]:
-    """The `train_toy` conditional ScoreMLP and its parameters, from the model cache or trained.
-
-    ε-prediction on the linear VP schedule; ``model.forward(params, x, t, label)`` with label
-    ``None`` (or ``ex.num_modes``) for the unconditional branch. Replications of guidance
-    methods share this model; `ex` defaults to the `train_toy` experiment's default config.
-    """
-    ex = TrainToyConfig() if ex is None else ex
-    if smoke:
-        ex = dataclasses.replace(ex, **SMOKE)
-    cached = tr.cached_train(
-        _defining_config(ex, seed),
-        functools.partial(train_score_mlp, ex, jax.random.fold_in(jax.random.key(seed), 0)),
-        directory=ex.cache_dir,
-    )
-    return _model(ex), cached
 
 
 @register("train_toy", TrainToyConfig)
@@ -183,7 +61,7 @@ def run(cfg, out_dir: Path) -> Results:
     res = Results("train_toy", cfg.seed)
     key = jax.random.key(cfg.seed)
     schedule = LinearSchedule()
-    model, cached = trained_toy_model(ex, cfg.seed)
+    model, cached = zoo.trained_toy_model(ex, cfg.seed)
     params = cached.params
     save_checkpoint(Path(out_dir) / "checkpoints" / "score_mlp", ex.steps, params)
     res.metric("cache_hit", float(cached.hit))
@@ -195,12 +73,23 @@ def run(cfg, out_dir: Path) -> Results:
 
     n = ex.num_samples
 
-    @functools.partial(jax.jit, static_argnames="label_free")
-    def sample(params, key, labels, label_free=False):
-        def eps_fn(x, t):
-            return model.forward(params, x, t, None if label_free else labels)
+    solver = diffusion.euler_maruyama(schedule)
+    ts = diffusion.time_grid(ex.sampler_steps, 1.0, ex.t_min)
 
-        return euler_maruyama_sample(key, eps_fn, (n, 2), schedule, ex.sampler_steps, ex.t_min)
+    @jax.jit
+    def sample(params, key, labels):
+        """Euler–Maruyama from x₁ ~ N(0, I) to t_min, then Tweedie's x̂₀ (`denoise_final`)."""
+        k_init, k_steps = jax.random.split(key)
+        x, _ = diffusion.sample(
+            k_steps,
+            solver,
+            lambda x, t, label: model.forward(params, x, t, label),
+            jax.random.normal(k_init, (n, 2)),
+            ts,
+            cond={"label": labels},
+            denoise_final=True,
+        )
+        return x
 
     k_data, k_ref, k_lab, k_cond, k_uncond, k_base = jax.random.split(jax.random.fold_in(key, 2), 6)
     data, _ = gaussian_mixture_2d(k_data, n, ex.num_modes, ex.radius, ex.scale)
@@ -209,7 +98,7 @@ def run(cfg, out_dir: Path) -> Results:
     t0 = time.perf_counter()
     cond = jax.block_until_ready(sample(params, k_cond, labels))
     res.metric("sample_seconds", time.perf_counter() - t0)
-    uncond = sample(params, k_uncond, labels, label_free=True)
+    uncond = sample(params, k_uncond, jnp.full_like(labels, ex.num_modes))
 
     ref_np = np.asarray(ref, np.float64)
     chol = np.linalg.cholesky(np.cov(ref_np, rowvar=False))

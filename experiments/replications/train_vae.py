@@ -17,9 +17,7 @@ Salakhutdinov (2016), "Importance Weighted Autoencoders".
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-import time
 from pathlib import Path
 
 import jax
@@ -28,25 +26,16 @@ import numpy as np
 
 from feynkit.core.checkpoint import save_checkpoint
 from feynkit.experiments import train as tr
+from feynkit.experiments import zoo
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.replications import register
 from feynkit.experiments.results import Results
 from feynkit.models import VAE, VAEOutput, decoder_log_prob
 
-CACHE_VERSION = 1  # bump when the training code changes what a config trains
-
 
 @dataclasses.dataclass
-class TrainVAEConfig:
+class TrainVAEConfig(zoo.VAEModelConfig):
     name: str = "train_vae"
-    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
-    latent_dim: int = 8
-    hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
-    steps: int = 2500
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 100
-    checkpoint_every: int = 500
     # evaluation
     elbo_draws: int = 16  # one-sample ELBOs averaged per test image
     iwae_samples: int = 256
@@ -55,19 +44,12 @@ class TrainVAEConfig:
 
 
 SMOKE = dict(
-    hidden=[64],
-    steps=300,
-    checkpoint_every=300,
+    **zoo.VAE_SMOKE,
     elbo_draws=2,
     iwae_samples=16,
     max_neg_elbo=60.0,
     baseline_margin=-1e6,  # smoke runs check the pipeline, not the quality
 )
-
-
-def binarize(x: np.ndarray) -> np.ndarray:
-    """Digits on the [−1, 1] scale to {0, 1}: pixel value above 8 of 16."""
-    return (np.asarray(x) > 0).astype(np.float32)
 
 
 def iwae_bound(model: VAE, params, key, x: jax.Array, num_samples: int) -> jax.Array:
@@ -91,39 +73,6 @@ def independent_bernoulli_loglik(x_train: np.ndarray, x_test: np.ndarray) -> flo
     return float(ll.reshape(len(x_test), -1).sum(1).mean())
 
 
-def _defining_config(ex: TrainVAEConfig, seed: int) -> dict:
-    return {
-        "name": "train_vae-vae",
-        "version": CACHE_VERSION,
-        "seed": seed,
-        "data": "sklearn_digits_split_0.2_0_binarized_gt8",
-        **{
-            k: getattr(ex, k)
-            for k in "latent_dim hidden steps batch_size learning_rate warmup_steps".split()
-        },
-    }
-
-
-def train_vae(ex: TrainVAEConfig, model: VAE, x_train, key, checkpoint_dir):
-    params = model.init_params(jax.random.fold_in(key, 0))
-    t0 = time.perf_counter()
-    state, history = tr.train(
-        tr.negative_elbo_loss(model),
-        tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps),
-        params,
-        tr.array_batch_fn(ex.batch_size),
-        jax.random.fold_in(key, 1),
-        ex.steps,
-        data=jnp.asarray(x_train),
-        checkpoint_dir=checkpoint_dir,
-        checkpoint_every=ex.checkpoint_every,
-        log_every=100,
-        steps_per_call=100,
-        desc="vae",
-    )
-    return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
-
-
 @register("train_vae", TrainVAEConfig)
 def run(cfg, out_dir: Path) -> Results:
     ex = tr.experiment_config(cfg, TrainVAEConfig, SMOKE)
@@ -131,13 +80,8 @@ def run(cfg, out_dir: Path) -> Results:
     res = Results("train_vae", cfg.seed)
     key = jax.random.key(cfg.seed)
     split = load_digits_split()
-    x_train, x_test = binarize(split.x_train), binarize(split.x_test)
-    model = VAE(data_shape=(8, 8, 1), latent_dim=ex.latent_dim, hidden=tuple(ex.hidden))
-    cached = tr.cached_train(
-        _defining_config(ex, cfg.seed),
-        functools.partial(train_vae, ex, model, x_train, jax.random.fold_in(key, 0)),
-        directory=ex.cache_dir,
-    )
+    x_train, x_test = zoo.binarize(split.x_train), zoo.binarize(split.x_test)
+    model, cached = zoo.trained_vae(ex, cfg.seed, split)
     params = cached.params
     save_checkpoint(Path(out_dir) / "checkpoints" / "vae", ex.steps, params)
     res.metric("cache_hit", float(cached.hit))

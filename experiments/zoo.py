@@ -1,0 +1,562 @@
+"""The model zoo: trained-and-cached models that replications, benchmarks and tasks share.
+
+Each loader returns the model (a Flax module) and a `train.CachedModel` from the config-hash
+model cache (`train.cached_train`): a hit restores the parameters, a miss trains and stores them.
+
+  `trained_toy_model`      class-conditional ScoreMLP on the 2-D mixture of 8 Gaussians
+                           (ε-prediction, linear VP schedule);
+  `trained_digits_models`  class-conditional UNet on 8x8 digits and a noise-aware classifier;
+  `digits_judge`           the classifier as feature extractor (fd_digits) and judge;
+  `trained_lm`             byte-level TransformerLM on the Python standard library's source;
+  `load_lm`                `trained_lm` with its corpus, for a replication config with
+                           ``cache_dir`` and ``lm_smoke``;
+  `trained_vae`            Bernoulli VAE on binarised digits.
+
+A loader's `ex` is its model config (`ToyModelConfig`, `DigitsModelsConfig`, `LMConfig`,
+`VAEModelConfig`) or any config carrying those fields (a replication's config subclasses the
+model config); only the fields that define the model are read, and the cache key is built from
+them, so every caller with the same model settings shares one cache entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from feynkit.core.schedules import LinearSchedule
+from feynkit.experiments import train as tr
+from feynkit.experiments.data import (
+    BYTE_VOCAB_SIZE,
+    TextCorpus,
+    gaussian_mixture_2d,
+    load_digits_split,
+    load_stdlib_corpus,
+)
+from feynkit.models import VAE, ImageClassifier, ScoreMLP, TransformerLM, UNet
+
+__all__ = [
+    "DIGITS_NUM_CLASSES",
+    "LM_SMOKE",
+    "TOY_SMOKE",
+    "DIGITS_SMOKE",
+    "VAE_SMOKE",
+    "DigitsModelsConfig",
+    "LMConfig",
+    "ToyModelConfig",
+    "VAEModelConfig",
+    "binarize",
+    "digits_judge",
+    "lm_corpus",
+    "load_lm",
+    "model_config",
+    "penultimate_features",
+    "trained_digits_models",
+    "trained_lm",
+    "trained_toy_model",
+    "trained_vae",
+]
+
+# Bump one when the training code changes what a config trains (it is part of the cache key).
+TOY_CACHE_VERSION = 1
+DIGITS_CACHE_VERSION = 1
+LM_CACHE_VERSION = 1
+VAE_CACHE_VERSION = 1
+
+DIGITS_NUM_CLASSES = 10  # label DIGITS_NUM_CLASSES is the null (unconditional) label
+
+
+def model_config(cls: type, ex: Any | None):
+    """A `cls` instance holding the fields of `ex` that `cls` has (`cls()` when `ex` is None)."""
+    if ex is None:
+        return cls()
+    if type(ex) is cls:
+        return ex
+    names = [f.name for f in dataclasses.fields(cls)]
+    missing = [n for n in names if not hasattr(ex, n)]
+    if missing:
+        raise ValueError(
+            f"{type(ex).__name__} lacks the {cls.__name__} fields {missing}; pass a "
+            f"{cls.__name__} or a config that subclasses it."
+        )
+    return cls(**{n: getattr(ex, n) for n in names})
+
+
+def _smoke(cfg, smoke: bool, overrides: dict):
+    return dataclasses.replace(cfg, **overrides) if smoke else cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-D toy: conditional ScoreMLP on the mixture of Gaussians on a circle
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ToyModelConfig:
+    """What defines the toy score model (data, architecture, training)."""
+
+    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
+    # data: gaussian_mixture_2d
+    num_modes: int = 8
+    radius: float = 4.0
+    scale: float = 0.5
+    # model
+    hidden: int = 128
+    num_layers: int = 3
+    time_features: int = 64
+    # training
+    steps: int = 3000
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    label_dropout: float = 0.1
+    t_min: float = 1e-3
+    checkpoint_every: int = 1000
+
+
+TOY_SMOKE = dict(hidden=64, num_layers=2, steps=200, batch_size=256, checkpoint_every=200)
+
+
+def _toy_model(ex: ToyModelConfig) -> ScoreMLP:
+    return ScoreMLP(ex.hidden, ex.num_layers, ex.num_modes, ex.time_features)
+
+
+def _toy_defining_config(ex: ToyModelConfig, seed: int) -> dict:
+    """What the trained parameters depend on (the cache key), not evaluation settings."""
+    keep = (
+        "num_modes radius scale hidden num_layers time_features steps batch_size "
+        "learning_rate warmup_steps label_dropout t_min"
+    ).split()
+    return {
+        "name": "train_toy-score_mlp",
+        "version": TOY_CACHE_VERSION,
+        "seed": seed,
+        **{k: getattr(ex, k) for k in keep},
+    }
+
+
+def _train_score_mlp(ex: ToyModelConfig, key: jax.Array, checkpoint_dir: Path | None):
+    model = _toy_model(ex)
+    params = model.init_params(jax.random.fold_in(key, 0), 2)
+    loss_fn = tr.denoising_score_loss(
+        model.forward, LinearSchedule(), ex.num_modes, ex.label_dropout, ex.t_min
+    )
+
+    def batch_fn(data, k, step):
+        return gaussian_mixture_2d(k, ex.batch_size, ex.num_modes, ex.radius, ex.scale)
+
+    optimizer = tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps)
+    t0 = time.perf_counter()
+    state, history = tr.train(
+        loss_fn,
+        optimizer,
+        params,
+        batch_fn,
+        jax.random.fold_in(key, 1),
+        ex.steps,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=ex.checkpoint_every,
+        log_every=100,
+        steps_per_call=100,
+        desc="score_mlp",
+    )
+    info = {"train_seconds": time.perf_counter() - t0, "history": history}
+    return state.params, info
+
+
+def trained_toy_model(
+    ex: ToyModelConfig | Any | None = None, seed: int = 0, smoke: bool = False
+) -> tuple[ScoreMLP, tr.CachedModel]:
+    """The `train_toy` conditional ScoreMLP and its parameters, from the model cache or trained.
+
+    ε-prediction on the linear VP schedule; ``model.forward(params, x, t, label)`` with label
+    ``None`` (or ``ex.num_modes``) for the unconditional branch. `ex` defaults to
+    `ToyModelConfig()`; ``smoke=True`` applies `TOY_SMOKE` (a small, quickly trained model).
+    """
+    ex = _smoke(model_config(ToyModelConfig, ex), smoke, TOY_SMOKE)
+    cached = tr.cached_train(
+        _toy_defining_config(ex, seed),
+        functools.partial(_train_score_mlp, ex, jax.random.fold_in(jax.random.key(seed), 0)),
+        directory=ex.cache_dir,
+    )
+    return _toy_model(ex), cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Digits: conditional UNet and noise-aware classifier
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DigitsModelsConfig:
+    """What defines the digits UNet and classifier."""
+
+    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
+    # UNet
+    channels: int = 16
+    time_features: int = 32
+    steps: int = 2500
+    batch_size: int = 128
+    learning_rate: float = 2e-3
+    warmup_steps: int = 100
+    label_dropout: float = 0.1
+    t_min: float = 1e-3
+    # classifier (features for fd_digits, judge for class_accuracy)
+    classifier_channels: int = 32
+    classifier_steps: int = 1500
+    classifier_learning_rate: float = 2e-3
+    clean_fraction: float = 0.5
+    checkpoint_every: int = 500
+
+
+DIGITS_SMOKE = dict(
+    channels=8,
+    time_features=16,
+    steps=150,
+    batch_size=64,
+    classifier_channels=8,
+    classifier_steps=150,
+    checkpoint_every=150,
+)
+
+
+def penultimate_features(classifier: nn.Module, params, x: jax.Array, t) -> jax.Array:
+    """The input of the classifier's final ``logits`` layer (its penultimate activations)."""
+    captured = []
+
+    def interceptor(next_fun, args, kwargs, context):
+        if context.module.name == "logits" and context.method_name == "__call__":
+            captured.append(args[0])
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        classifier.forward(params, x, t)
+    if len(captured) != 1:
+        raise ValueError("the classifier has no single submodule named 'logits'.")
+    return captured[0]
+
+
+def digits_judge(classifier: nn.Module, params):
+    """``judge(x) -> (features, logits)`` of clean images (clipped to [−1, 1], t = 0), jitted:
+    the feature space of `fd_digits` and the classifier that scores class accuracy."""
+
+    @jax.jit
+    def judge(x):
+        x = jnp.clip(x, -1.0, 1.0)
+        t = jnp.zeros(x.shape[:1])
+        return penultimate_features(classifier, params, x, t), classifier.forward(params, x, t)
+
+    return judge
+
+
+def _digits_models(ex: DigitsModelsConfig) -> tuple[UNet, ImageClassifier]:
+    unet = UNet(ex.channels, DIGITS_NUM_CLASSES, ex.time_features)
+    classifier = ImageClassifier(DIGITS_NUM_CLASSES, ex.classifier_channels, ex.time_features)
+    return unet, classifier
+
+
+def _digits_defining_configs(ex: DigitsModelsConfig, seed: int) -> tuple[dict, dict]:
+    common = {"version": DIGITS_CACHE_VERSION, "seed": seed, "data": "sklearn_digits_split_0.2_0"}
+    unet = {
+        "name": "train_digits-unet",
+        **common,
+        **{
+            k: getattr(ex, k)
+            for k in "channels time_features steps batch_size learning_rate warmup_steps "
+            "label_dropout t_min".split()
+        },
+    }
+    classifier = {
+        "name": "train_digits-classifier",
+        **common,
+        "channels": ex.classifier_channels,
+        "time_features": ex.time_features,
+        "steps": ex.classifier_steps,
+        "batch_size": ex.batch_size,
+        "learning_rate": ex.classifier_learning_rate,
+        "warmup_steps": ex.warmup_steps,
+        "clean_fraction": ex.clean_fraction,
+        "t_min": ex.t_min,
+    }
+    return unet, classifier
+
+
+def _train_array_model(model, loss_fn, data, steps, lr, ex, key, desc, checkpoint_dir):
+    params = jax.jit(model.init_params)(jax.random.fold_in(key, 0))
+    t0 = time.perf_counter()
+    state, history = tr.train(
+        loss_fn,
+        tr.make_optimizer(lr, steps, ex.warmup_steps),
+        params,
+        tr.array_batch_fn(ex.batch_size),
+        jax.random.fold_in(key, 1),
+        steps,
+        data=data,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=ex.checkpoint_every,
+        log_every=50,
+        steps_per_call=1,  # conv gradients run far slower inside an XLA loop on the CPU
+        desc=desc,
+    )
+    return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
+
+
+def trained_digits_models(
+    ex: DigitsModelsConfig | Any | None = None, seed: int = 0, split=None, smoke: bool = False
+) -> tuple[tuple[UNet, ImageClassifier], dict[str, tr.CachedModel]]:
+    """The `train_digits` models and their parameters, from the model cache or trained.
+
+    Returns ``((unet, classifier), {"unet": CachedModel, "classifier": CachedModel})``: the
+    class-conditional ε-prediction UNet (linear VP schedule; label ``None`` or
+    `DIGITS_NUM_CLASSES` is the null label) and the noise-aware classifier
+    ``classifier.forward(params, x, t) -> logits``. `ex` defaults to `DigitsModelsConfig()`;
+    ``smoke=True`` applies `DIGITS_SMOKE` (small, quickly trained models for smoke runs).
+    """
+    ex = _smoke(model_config(DigitsModelsConfig, ex), smoke, DIGITS_SMOKE)
+    split = load_digits_split() if split is None else split
+    key = jax.random.key(seed)
+    schedule = LinearSchedule()
+    train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
+    unet, classifier = _digits_models(ex)
+    unet_cfg, clf_cfg = _digits_defining_configs(ex, seed)
+    unet_loss = tr.denoising_score_loss(
+        unet.forward, schedule, DIGITS_NUM_CLASSES, ex.label_dropout, ex.t_min
+    )
+    clf_loss = tr.noisy_classifier_loss(classifier.forward, schedule, ex.t_min, ex.clean_fraction)
+    jobs = {
+        "unet": (unet_cfg, unet, unet_loss, ex.steps, ex.learning_rate),
+        "classifier": (
+            clf_cfg,
+            classifier,
+            clf_loss,
+            ex.classifier_steps,
+            ex.classifier_learning_rate,
+        ),
+    }
+    cached = {}
+    for i, (name, (defining, model, loss_fn, steps, lr)) in enumerate(jobs.items()):
+        train_fn = functools.partial(
+            _train_array_model,
+            model,
+            loss_fn,
+            train_data,
+            steps,
+            lr,
+            ex,
+            jax.random.fold_in(key, i),
+            name,
+        )
+        cached[name] = tr.cached_train(defining, train_fn, directory=ex.cache_dir)
+    return (unet, classifier), cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte-level language model
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class LMConfig:
+    """What defines the byte-level TransformerLM (corpus, architecture, training)."""
+
+    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
+    max_corpus_bytes: int = 2_000_000
+    split_fractions: list[float] = dataclasses.field(default_factory=lambda: [0.8, 0.1, 0.1])
+    # model
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_dim: int = 344
+    seq_len: int = 128
+    max_len: int = 256  # longest full-sequence forward and default KV-cache length (≥ seq_len)
+    # training
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    checkpoint_every: int = 400
+
+
+LM_SMOKE = dict(
+    max_corpus_bytes=300_000,
+    d_model=32,
+    num_layers=1,
+    num_heads=2,
+    mlp_dim=64,
+    seq_len=32,
+    steps=100,
+    batch_size=16,
+    checkpoint_every=100,
+)
+
+
+def _lm_model(ex: LMConfig) -> TransformerLM:
+    return TransformerLM(
+        BYTE_VOCAB_SIZE,
+        ex.d_model,
+        ex.num_layers,
+        ex.num_heads,
+        mlp_dim=ex.mlp_dim,
+        max_len=max(ex.seq_len, ex.max_len),
+    )
+
+
+def _lm_defining_config(ex: LMConfig, seed: int) -> dict:
+    keep = (
+        "max_corpus_bytes split_fractions d_model num_layers num_heads mlp_dim seq_len steps "
+        "batch_size learning_rate warmup_steps weight_decay"
+    ).split()
+    return {
+        "name": "train_lm-transformer",
+        "version": LM_CACHE_VERSION,
+        "seed": seed,
+        "data": "stdlib_corpus",
+        **{k: getattr(ex, k) for k in keep},
+    }
+
+
+def _train_lm(ex: LMConfig, model: TransformerLM, tokens: np.ndarray, key, checkpoint_dir):
+    params = model.init_params(jax.random.fold_in(key, 0))
+    optimizer = tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps, ex.weight_decay)
+    t0 = time.perf_counter()
+    state, history = tr.train(
+        tr.next_token_loss(model.forward),
+        optimizer,
+        params,
+        tr.window_batch_fn(ex.batch_size, ex.seq_len),
+        jax.random.fold_in(key, 1),
+        ex.steps,
+        data=jnp.asarray(tokens),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=ex.checkpoint_every,
+        log_every=20,
+        steps_per_call=20,
+        desc="lm",
+    )
+    seconds = time.perf_counter() - t0
+    info = {"train_seconds": seconds, "history": history}
+    if len(history) > 1:  # steady state: from the end of the first (compiling) chunk
+        (s0, _, t_0), (s1, _, t_1) = history[0], history[-1]
+        info["train_tokens_per_s"] = (s1 - s0) * ex.batch_size * ex.seq_len / (t_1 - t_0)
+    return state.params, info
+
+
+def lm_corpus(ex: LMConfig | Any | None = None, smoke: bool = False) -> TextCorpus:
+    """The corpus (train/validation/test byte streams) the LM of `ex` is trained on."""
+    ex = _smoke(model_config(LMConfig, ex), smoke, LM_SMOKE)
+    return load_stdlib_corpus(max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions))
+
+
+def trained_lm(
+    ex: LMConfig | Any | None = None, seed: int = 0, corpus=None, smoke: bool = False
+) -> tuple[TransformerLM, tr.CachedModel]:
+    """The `train_lm` model and its parameters: from the model cache, or trained (and cached).
+
+    Quantization, pruning and decoding replications share this one trained LM; `ex` defaults
+    to `LMConfig()`; ``smoke=True`` applies `LM_SMOKE` (a small, quickly trained model). Pass
+    `corpus` (from `lm_corpus`) to avoid loading it twice.
+    """
+    ex = _smoke(model_config(LMConfig, ex), smoke, LM_SMOKE)
+    corpus = lm_corpus(ex) if corpus is None else corpus
+    model = _lm_model(ex)
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    cached = tr.cached_train(
+        _lm_defining_config(ex, seed),
+        functools.partial(_train_lm, ex, model, corpus.train, key),
+        directory=ex.cache_dir,
+    )
+    return model, cached
+
+
+def load_lm(ex) -> tuple[TransformerLM, Any, TextCorpus, LMConfig]:
+    """(model, params, corpus, lm config) of the shared trained LM (seed 0) for a replication
+    config with ``cache_dir`` and ``lm_smoke`` (True: the smoke model)."""
+    lm_ex = _smoke(LMConfig(cache_dir=ex.cache_dir), ex.lm_smoke, LM_SMOKE)
+    corpus = lm_corpus(lm_ex)
+    model, cached = trained_lm(lm_ex, 0, corpus)
+    return model, cached.params, corpus, lm_ex
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE on binarised digits
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class VAEModelConfig:
+    """What defines the Bernoulli VAE on binarised digits."""
+
+    cache_dir: str | None = None  # model cache (default $FEYNKIT_CACHE or ~/.cache/feynkit)
+    latent_dim: int = 8
+    hidden: list[int] = dataclasses.field(default_factory=lambda: [256, 256])
+    steps: int = 2500
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    checkpoint_every: int = 500
+
+
+VAE_SMOKE = dict(hidden=[64], steps=300, checkpoint_every=300)
+
+
+def binarize(x: np.ndarray) -> np.ndarray:
+    """Digits on the [−1, 1] scale to {0, 1}: pixel value above 8 of 16."""
+    return (np.asarray(x) > 0).astype(np.float32)
+
+
+def _vae_defining_config(ex: VAEModelConfig, seed: int) -> dict:
+    return {
+        "name": "train_vae-vae",
+        "version": VAE_CACHE_VERSION,
+        "seed": seed,
+        "data": "sklearn_digits_split_0.2_0_binarized_gt8",
+        **{
+            k: getattr(ex, k)
+            for k in "latent_dim hidden steps batch_size learning_rate warmup_steps".split()
+        },
+    }
+
+
+def _train_vae(ex: VAEModelConfig, model: VAE, x_train, key, checkpoint_dir):
+    params = model.init_params(jax.random.fold_in(key, 0))
+    t0 = time.perf_counter()
+    state, history = tr.train(
+        tr.negative_elbo_loss(model),
+        tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps),
+        params,
+        tr.array_batch_fn(ex.batch_size),
+        jax.random.fold_in(key, 1),
+        ex.steps,
+        data=jnp.asarray(x_train),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=ex.checkpoint_every,
+        log_every=100,
+        steps_per_call=100,
+        desc="vae",
+    )
+    return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
+
+
+def trained_vae(
+    ex: VAEModelConfig | Any | None = None, seed: int = 0, split=None, smoke: bool = False
+) -> tuple[VAE, tr.CachedModel]:
+    """The `train_vae` Bernoulli VAE (8x8x1 binarised digits) and its parameters, from the
+    model cache or trained; ``smoke=True`` applies `VAE_SMOKE`."""
+    ex = _smoke(model_config(VAEModelConfig, ex), smoke, VAE_SMOKE)
+    split = load_digits_split() if split is None else split
+    model = VAE(data_shape=(8, 8, 1), latent_dim=ex.latent_dim, hidden=tuple(ex.hidden))
+    key = jax.random.fold_in(jax.random.key(seed), 0)
+    cached = tr.cached_train(
+        _vae_defining_config(ex, seed),
+        functools.partial(_train_vae, ex, model, binarize(split.x_train), key),
+        directory=ex.cache_dir,
+    )
+    return model, cached
