@@ -2,15 +2,34 @@
 methods built on them (SmoothQuant, SVDQuant, SpQR, VPTQ, EoRA), DFloat11, integer-only ops and
 KV-cache compression (GEAR, EMS).
 
-`quantize`/`dequantize` map an array to a `QuantizedArray` (packed integer codes, per-(group,
-channel) scales, optional zero points) and back; `quantize_tree` applies a `QuantRecipe` to the
-leaves a regex path filter selects; `linear_hessians` collects calibration statistics from the
-real model; `gptq_quantize` rounds with second-order error compensation
-(`feynkit.compression.hessian`).
+Every container implements one protocol (`feynkit.compression.protocol`: ``dequantize()``,
+``nbytes``, ``bits_per_weight``, ``matmul(x)``; `is_compressed`), so `dequantize_tree`,
+`tree_nbytes`, `tree_bits_per_weight` and `compressed_apply` (a Flax model's own ``apply`` on
+compressed parameters) serve all of them. A `QuantRecipe` (``rtn_recipe``, ``gptq_recipe``,
+``spqr_recipe``, ``vptq_recipe``, ``smoothquant_recipe``, ``svdquant_recipe``,
+``dfloat11_recipe``, ``eora_recipe``) compresses the leaves a regex path filter selects, with
+statistics from `calibrate` (Hessians and activation maxima captured from the real model).
 """
 
-from feynkit.compression.quant.calibration import collect_linear_inputs, linear_hessians
-from feynkit.compression.quant.gptq import gptq_quantize, gptq_quantize_tree
+from feynkit.compression.protocol import (
+    CompressedTensor,
+    ReshapedKernel,
+    is_compressed,
+)
+from feynkit.compression.quant.apply import (
+    compressed_apply,
+    conv_patches,
+    layer_inputs,
+    quantized_apply,
+)
+from feynkit.compression.quant.calibration import (
+    Calibration,
+    calibrate,
+    collect_inputs,
+    collect_linear_inputs,
+    linear_hessians,
+)
+from feynkit.compression.quant.gptq import gptq_quantize
 from feynkit.compression.quant.qarray import (
     QuantizedArray,
     codes_of,
@@ -25,34 +44,61 @@ from feynkit.compression.quant.qarray import (
     quantize_with_params,
     unpack_int4,
 )
-from feynkit.compression.quant.tree import (
-    LINEAR_KERNELS,
+from feynkit.compression.quant.recipes import (
+    RECIPES,
+    LeafStats,
     QuantRecipe,
+    dfloat11_recipe,
+    eora_recipe,
+    gptq_recipe,
+    rtn_recipe,
+    smoothquant_recipe,
+    spqr_recipe,
+    svdquant_recipe,
+    vptq_recipe,
+)
+from feynkit.compression.quant.tree import (
+    ALL_KERNELS,
+    LINEAR_KERNELS,
     dequantize_tree,
     is_quantized,
     map_matching,
     match_paths,
     path_str,
     quantize_tree,
-    quantized_apply,
+    tree_bits_per_weight,
     tree_nbytes,
     tree_paths,
 )
 
 __all__ = [
+    "ALL_KERNELS",
+    "Calibration",
+    "CompressedTensor",
     "LINEAR_KERNELS",
+    "LeafStats",
     "QuantRecipe",
     "QuantizedArray",
+    "RECIPES",
+    "ReshapedKernel",
+    "calibrate",
     "codes_of",
+    "collect_inputs",
     "collect_linear_inputs",
+    "compressed_apply",
     "compute_qparams",
+    "conv_patches",
     "dequantize",
     "dequantize_codes",
     "dequantize_tree",
+    "dfloat11_recipe",
+    "eora_recipe",
     "fake_quantize",
     "gptq_quantize",
-    "gptq_quantize_tree",
+    "gptq_recipe",
+    "is_compressed",
     "is_quantized",
+    "layer_inputs",
     "linear_hessians",
     "map_matching",
     "match_paths",
@@ -64,9 +110,15 @@ __all__ = [
     "quantize_tree",
     "quantize_with_params",
     "quantized_apply",
+    "rtn_recipe",
+    "smoothquant_recipe",
+    "spqr_recipe",
+    "svdquant_recipe",
+    "tree_bits_per_weight",
     "tree_nbytes",
     "tree_paths",
     "unpack_int4",
+    "vptq_recipe",
 ]
 
 from feynkit.compression.quant.dfloat11 import (  # noqa: E402
@@ -81,6 +133,7 @@ from feynkit.compression.quant.dfloat11 import (  # noqa: E402
     split_bf16,
 )
 from feynkit.compression.quant.eora import (  # noqa: E402
+    LowRankCompensated,
     LowRankCompensation,
     activation_weighted_error,
     apply_compensation,
@@ -173,6 +226,7 @@ __all__ += [
     "vq_bits_per_weight",
     "vq_dequantize",
     "vptq_quantize",
+    "LowRankCompensated",
     "LowRankCompensation",
     "activation_weighted_error",
     "apply_compensation",

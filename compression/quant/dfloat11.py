@@ -38,6 +38,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from feynkit.compression.protocol import CompressedTensor, array_bits
 from feynkit.core.types import Array, ArrayLike
 
 __all__ = [
@@ -57,8 +58,12 @@ _LENGTHS = np.arange(MAX_CODE_LENGTH + 1)
 
 
 @struct.dataclass
-class DFloat11Array:
+class DFloat11Array(CompressedTensor):
     """A bf16 tensor with Huffman-coded exponents (see the module docstring).
+
+    Protocol: ``dequantize()`` decodes bit-exactly and casts to ``dtype`` (bf16 unless the
+    tensor stood for wider weights, e.g. float32 kernels stored in bf16 by `dfloat11_recipe`);
+    storage counts every stored array (stream, sign-mantissa bytes, offsets, code tables).
 
     Attributes:
       words: uint32, the exponent bitstream, first bit = most significant bit of ``words[0]``,
@@ -67,7 +72,8 @@ class DFloat11Array:
       block_offsets: int32 (num_blocks,), bit offset in the stream of each block's first code.
       symbols: uint8 (256,), exponents in canonical order (sorted by (length, exponent)).
       length_counts: uint16 (33,), number of codes of each length 0..32 (index 0 unused).
-      shape: of the original tensor (static); block_size: values per block (static).
+      shape: of the original tensor (static); block_size: values per block (static);
+      dtype: of ``dequantize()`` (static, default bfloat16).
     """
 
     words: Array
@@ -77,10 +83,14 @@ class DFloat11Array:
     length_counts: Array
     shape: tuple[int, ...] = struct.field(pytree_node=False)
     block_size: int = struct.field(pytree_node=False)
+    dtype: np.dtype = struct.field(pytree_node=False, default=np.dtype(ml_dtypes.bfloat16))
 
     @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+    def nbits(self) -> int:
+        return array_bits(*jax.tree.leaves(self))
+
+    def dequantize(self) -> Array:
+        return dfloat11_decompress(self).astype(self.dtype)
 
 
 def split_bf16(x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -329,7 +339,7 @@ def dfloat11_decompress_numpy(d: DFloat11Array) -> np.ndarray:
 
 def compressed_nbytes(d: DFloat11Array) -> int:
     """Bytes stored: bitstream words, sign-mantissa bytes, block offsets and code tables."""
-    return int(sum(int(a.size) * a.dtype.itemsize for a in jax.tree.leaves(d)))
+    return d.nbytes
 
 
 def compression_ratio(d: DFloat11Array) -> float:

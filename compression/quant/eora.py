@@ -26,10 +26,13 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax.numpy as jnp
+from flax import struct
 
+from feynkit.compression.protocol import CompressedTensor, array_bits
 from feynkit.core.types import Array, ArrayLike, Float
 
 __all__ = [
+    "LowRankCompensated",
     "LowRankCompensation",
     "activation_weighted_error",
     "apply_compensation",
@@ -48,6 +51,57 @@ class LowRankCompensation(NamedTuple):
 
     a: Array
     b: Array
+
+
+@struct.dataclass
+class LowRankCompensated(CompressedTensor):
+    """A compressed kernel plus a low-rank correction: Ŵ = base.dequantize() + A B.
+
+    Serves y = base.matmul(x) + (x A) B (the correction through the rank-r bottleneck, so an
+    activation-quantizing base keeps quantizing its own part). Storage = base + A, B at their
+    stored dtype (fp16 by `eora_recipe`).
+
+    Attributes:
+      base: any compressed 2-D container (QuantizedArray, SpQRArray, VQArray, ...).
+      a: (d_in, r); b: (r, d_out).
+
+    References:
+      Liu et al. (2024), "EoRA".
+    """
+
+    base: CompressedTensor
+    a: Array
+    b: Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.base.shape
+
+    @property
+    def dtype(self):
+        return self.base.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def quantizes_activations(self) -> bool:  # type: ignore[override]
+        return self.base.quantizes_activations
+
+    @property
+    def nbits(self) -> int:
+        return self.base.nbits + array_bits(self.a, self.b)
+
+    def dequantize(self) -> Float[Array, "d_in d_out"]:
+        w = self.base.dequantize()
+        lowrank = self.a.astype(jnp.float32) @ self.b.astype(jnp.float32)
+        return (w.astype(jnp.float32) + lowrank).astype(w.dtype)
+
+    def matmul(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_out"]:
+        x = jnp.asarray(x)
+        y = self.base.matmul(x)
+        return y + apply_compensation(x, LowRankCompensation(self.a, self.b)).astype(y.dtype)
 
 
 def _check(delta_w, rank):

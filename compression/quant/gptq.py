@@ -28,7 +28,6 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,10 +40,9 @@ from feynkit.compression.quant.rtn import (
     dequantize_codes,
     quantize_codes,
 )
-from feynkit.compression.quant.tree import LINEAR_KERNELS, QuantRecipe, map_matching
-from feynkit.core.types import Array, ArrayLike, Float, PyTree
+from feynkit.core.types import Array, ArrayLike, Float
 
-__all__ = ["gptq_quantize", "gptq_quantize_tree"]
+__all__ = ["gptq_quantize"]
 
 
 @functools.partial(
@@ -185,53 +183,3 @@ def gptq_quantize(
         axis=axis,
     )
     return (q, losses) if return_losses else q
-
-
-def gptq_quantize_tree(
-    params: PyTree,
-    hessians: dict[str, Array],
-    recipe: QuantRecipe,
-    where: str | Sequence[str] = LINEAR_KERNELS,
-    *,
-    percdamp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-) -> PyTree:
-    """GPTQ on every leaf matching ``where``, with ``hessians[path]`` from `linear_hessians`.
-
-    Args:
-      params: parameter pytree; hessians: path → (in, in) Hessian; recipe: bits, group size,
-        symmetry, axis (per_tensor is not supported); where: regexes over '/'-joined paths.
-      percdamp, block_size, act_order: as in `gptq_quantize`.
-
-    Returns:
-      ``params`` with `QuantizedArray` leaves at the selected paths.
-
-    References:
-      Frantar et al. (2023), "GPTQ".
-    """
-    if recipe.per_tensor:
-        raise ValueError("gptq_quantize_tree: per_tensor recipes are not supported by GPTQ.")
-
-    def quant(path, w):
-        if path not in hessians:
-            raise ValueError(
-                f"no Hessian for {path}; hessians has keys {sorted(hessians)[:8]} — compute "
-                "them with linear_hessians(model, params, tokens, where=...) on the same where."
-            )
-        try:
-            return gptq_quantize(
-                w,
-                hessians[path],
-                recipe.bits,
-                group_size=recipe.group_size,
-                symmetric=recipe.symmetric,
-                percdamp=percdamp,
-                block_size=block_size,
-                act_order=act_order,
-                axis=recipe.axis,
-            )
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-
-    return map_matching(quant, params, where)

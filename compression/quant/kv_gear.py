@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from feynkit.compression.protocol import CompressedTensor
 from feynkit.compression.quant.qarray import QuantizedArray, dequantize, quantize
 from feynkit.core.types import Array, ArrayLike, Float
 
@@ -55,15 +56,20 @@ OUTLIER_BYTES = 2 + 4  # fp16 value + int32 flat index
 
 
 @struct.dataclass
-class GearTensor:
+class GearTensor(CompressedTensor):
     """One GEAR-compressed (n, d) matrix, or a batch of them (leading axes on every leaf).
+
+    Protocol: ``shape`` is the full (..., n, d); ``dequantize()`` is `gear_decompress`;
+    ``matmul(x)`` = jnp.matmul(x, D̂) over the leading axes, computed term by term as
+    x Q̂ + (x A) B + x S; storage is `compressed_bytes` (GEAR's convention: b-bit codes, fp16
+    scales and zero points, fp16 factors, fp16 + int32 per outlier).
 
     Attributes:
       quantized: the b-bit `QuantizedArray` of D − S.
       a, b: low-rank factors, shapes (..., n, r) and (..., r, d), L = a @ b.
       outlier_values: (..., 2k) the outliers' values S_ij.
       outlier_indices: (..., 2k) int32 flat indices i·d + j of the outliers.
-      shape: (n, d) of one matrix; dtype: the input dtype (decompress returns it).
+      matrix_shape: (n, d) of one matrix; dtype: the input dtype (decompress returns it).
     """
 
     quantized: QuantizedArray
@@ -71,8 +77,30 @@ class GearTensor:
     b: Array
     outlier_values: Array
     outlier_indices: Array
-    shape: tuple[int, int] = struct.field(pytree_node=False)
+    matrix_shape: tuple[int, int] = struct.field(pytree_node=False)
     dtype: np.dtype = struct.field(pytree_node=False)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.a.shape[:-2]) + tuple(self.matrix_shape)
+
+    @property
+    def nbits(self) -> int:
+        return 8 * compressed_bytes(self)
+
+    def dequantize(self) -> Float[Array, "*batch n d"]:
+        return gear_decompress(self)
+
+    def matmul(self, x: Float[ArrayLike, "*batch m n"]) -> Float[Array, "*batch m d"]:
+        """jnp.matmul(x, D̂) = x Q̂ + (x A) B + x S over the leading axes (x's broadcast)."""
+        x = jnp.asarray(x)
+        n, d = self.matrix_shape
+        if x.ndim < 1 or x.shape[-1] != n:
+            raise ValueError(
+                f"GearTensor.matmul: x has shape {x.shape}; its last axis must be n = {n}."
+            )
+        dt = jnp.promote_types(x.dtype, self.dtype)
+        return _gear_matmul(self, x.astype(dt)).astype(dt)
 
 
 def num_outliers(n: int, d: int, outlier_fraction: float) -> int:
@@ -185,7 +213,7 @@ def _gear_compress_jit(x, **kw):
     for _ in range(x.ndim - 2):
         fn = jax.vmap(fn)
     q, a, b, vals, idx = fn(x)
-    return GearTensor(q, a, b, vals, idx, shape=x.shape[-2:], dtype=np.dtype(x.dtype))
+    return GearTensor(q, a, b, vals, idx, matrix_shape=x.shape[-2:], dtype=np.dtype(x.dtype))
 
 
 def _decompress_2d(q, a, b, vals, idx):
@@ -219,6 +247,34 @@ def _gear_decompress_jit(g):
     for _ in range(g.a.ndim - 2):
         fn = jax.vmap(fn)
     return fn(g.quantized, g.a, g.b, g.outlier_values, g.outlier_indices).astype(g.dtype)
+
+
+@jax.jit
+def _gear_matmul(g, x):
+    def one(q, a, b, vals, idx, xm):
+        n, d = q.shape
+        out = xm @ dequantize(q).astype(xm.dtype)
+        if a.shape[-1] > 0:
+            out = out + (xm @ a.astype(xm.dtype)) @ b.astype(xm.dtype)
+        if idx.shape[0] > 0:  # x S: column j of S holds the outliers with idx % d == j
+            rows, cols = idx // d, idx % d
+            contrib = xm[..., rows] * vals.astype(xm.dtype)
+            out = out + jnp.zeros(out.shape, out.dtype).at[..., cols].add(contrib)
+        return out
+
+    lead_shape = g.a.shape[:-2]
+    vec = x.ndim == 1
+    xm = x[None] if vec else x
+    if not len(xm.shape) - 2 <= len(lead_shape):
+        raise ValueError(
+            f"GearTensor.matmul: x {x.shape} has more leading axes than the tensor {g.shape}."
+        )
+    xm = jnp.broadcast_to(xm, lead_shape + xm.shape[-2:])
+    fn = one
+    for _ in lead_shape:
+        fn = jax.vmap(fn)
+    out = fn(g.quantized, g.a, g.b, g.outlier_values, g.outlier_indices, xm)
+    return out[..., 0, :] if vec else out
 
 
 def gear_bytes(
@@ -267,7 +323,7 @@ def compressed_bytes(g: GearTensor) -> int:
       The byte count (an int).
     """
     q = g.quantized
-    n, d = g.shape
+    n, d = g.matrix_shape
     m = int(np.prod(g.a.shape[:-2], dtype=np.int64))
     total = m * (-(-n * d * q.bits // 8))
     total += int(np.prod(q.scale.shape, dtype=np.int64)) * SCALE_BYTES

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from feynkit.compression.protocol import CompressedTensor, array_bits
 from feynkit.compression.quant.rtn import (
     _STATIC,
     MAX_BITS,
@@ -65,8 +66,12 @@ __all__ = [
 
 
 @struct.dataclass
-class QuantizedArray:
+class QuantizedArray(CompressedTensor):
     """Integer codes with per-(group, channel) scales and optional zero points.
+
+    Implements the compressed-tensor protocol (`feynkit.compression.protocol`): storage counts
+    the codes at ``bits`` bits each (b ≤ 4 is held two per byte, so 3-bit codes occupy a nibble
+    in memory), scales and zero points at their stored dtype (float32).
 
     Attributes:
       codes: uint8; along ``axis`` packed two per byte when ``bits ≤ 4`` (length ⌈n/2⌉).
@@ -97,10 +102,15 @@ class QuantizedArray:
         return len(self.shape)
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of codes + scales + zero points (the storage a memory report counts)."""
-        parts = [self.codes, self.scale] + ([] if self.zero is None else [self.zero])
-        return int(sum(np.prod(p.shape, dtype=np.int64) * p.dtype.itemsize for p in parts))
+    def nbits(self) -> int:
+        """Codes at ``bits`` bits each + scales + zero points (leading batch axes included)."""
+        lead = int(np.prod(self.codes.shape[: self.codes.ndim - len(self.shape)], dtype=np.int64))
+        codes = lead * int(np.prod(self.shape, dtype=np.int64)) * self.bits
+        return codes + array_bits(self.scale, self.zero)
+
+    def dequantize(self) -> Array:
+        """ŵ = s · (c − z), shape ``shape``, dtype ``dtype`` (see `dequantize`)."""
+        return _dequantize(self)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -268,9 +278,22 @@ def codes_of(q: QuantizedArray) -> Int[Array, "..."]:
     return c - 2 ** (q.bits - 1) if q.symmetric else c
 
 
+def dequantize(q: CompressedTensor) -> Float[Array, "..."]:
+    """The float array a compressed container stands for (``q.dequantize()``).
+
+    For a `QuantizedArray`, ŵ = s · (c − z) per group, reshaped to ``q.shape`` in ``q.dtype``;
+    any other container of the compressed-tensor protocol (SpQR, VQ, DFloat11, ...) is accepted.
+    """
+    if not isinstance(q, CompressedTensor):
+        raise ValueError(
+            f"dequantize expects a compressed container (QuantizedArray, SpQRArray, ...), got "
+            f"{type(q).__name__}; float arrays need no dequantization."
+        )
+    return q.dequantize()
+
+
 @jax.jit
-def dequantize(q: QuantizedArray) -> Float[Array, "..."]:
-    """ŵ = s · (c − z) per group, reshaped to ``q.shape`` in ``q.dtype``."""
+def _dequantize(q: QuantizedArray) -> Float[Array, "..."]:
     c = _grouped(codes_of(q), q.axis, q.group_size)
     w = dequantize_codes(c, _expand(q.scale, q.axis), _expand(q.zero, q.axis))
     return w.reshape(q.shape).astype(q.dtype)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from flax import struct
 
+from feynkit.compression.protocol import CompressedTensor, _check_matmul_input, array_bits
 from feynkit.compression.quant.qarray import QuantizedArray, dequantize, fake_quantize, quantize
 from feynkit.core.types import Array, ArrayLike, Float
 
@@ -92,8 +93,13 @@ def quantize_activations(
 
 
 @struct.dataclass
-class SmoothQuantLinear:
+class SmoothQuantLinear(CompressedTensor):
     """A smoothed, quantized linear layer: y = Q_a(x ⊙ inv_smooth) · dequantize(weight).
+
+    Protocol: ``matmul`` is `smoothquant_apply` (activations rounded, ``quantizes_activations``
+    when ``a_bits`` is set); ``dequantize()`` is the effective float kernel diag(1/s)·Q_w(diag(s)
+    W) (what the layer computes with float activations); storage = the quantized weight + the
+    float32 smoothing vector (folded into the previous norm when deployed, counted here).
 
     Attributes:
       inv_smooth: 1 / s, shape (d_in,) (folded into the previous norm when deployed).
@@ -106,6 +112,29 @@ class SmoothQuantLinear:
     weight: QuantizedArray
     a_bits: int | None = struct.field(pytree_node=False, default=8)
     a_group_size: int | None = struct.field(pytree_node=False, default=None)
+
+    @property
+    def quantizes_activations(self) -> bool:  # type: ignore[override]
+        return self.a_bits is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.weight.shape
+
+    @property
+    def dtype(self):
+        return self.weight.dtype
+
+    @property
+    def nbits(self) -> int:
+        return self.weight.nbits + array_bits(self.inv_smooth)
+
+    def dequantize(self) -> Float[Array, "d_in d_out"]:
+        w = dequantize(self.weight)
+        return (self.inv_smooth[:, None] * w.astype(jnp.float32)).astype(w.dtype)
+
+    def matmul(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_out"]:
+        return smoothquant_apply(self, x)
 
 
 def smoothquant_linear(
@@ -149,6 +178,7 @@ def smoothquant_apply(
 ) -> Float[Array, "... d_out"]:
     """ŷ = Q_a(x / s) · Q_w(diag(s) W) (activation quantization per token, on the fly)."""
     x = jnp.asarray(x)
+    _check_matmul_input(x, layer.inv_smooth.shape[0], "SmoothQuantLinear")
     xs = x * layer.inv_smooth.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
     if layer.a_bits is not None:
         xs = quantize_activations(xs, layer.a_bits, layer.a_group_size)

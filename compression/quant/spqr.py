@@ -41,6 +41,7 @@ import numpy as np
 from flax import struct
 
 from feynkit.compression.hessian import inverse_hessian_cholesky, obs_sweep
+from feynkit.compression.protocol import CompressedTensor
 from feynkit.core.types import Array, ArrayLike, Float
 
 __all__ = ["SpQRArray", "spqr_bits_per_weight", "spqr_dequantize", "spqr_quantize"]
@@ -74,8 +75,12 @@ def _bilevel(v, qq_bits, qq_group):
 
 
 @struct.dataclass
-class SpQRArray:
-    """A kernel stored the SpQR way (unpacked here; `spqr_bits_per_weight` counts packed bits).
+class SpQRArray(CompressedTensor):
+    """A kernel stored the SpQR way (codes unpacked in memory; storage counts packed bits).
+
+    Protocol storage (``nbits``) follows the reference count of the module docstring: b-bit
+    codes, b_qq-bit statistics, fp16 second-level statistics, 32 bits per outlier (value +
+    index); the act-order permutation is not counted (as in the reference).
 
     Attributes:
       codes: (d_in, d_out) uint8 first-level codes, in the processing (permuted) row order.
@@ -104,6 +109,15 @@ class SpQRArray:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    @property
+    def nbits(self) -> int:
+        n = self.shape[0] * self.shape[1]
+        bits = self.bits * n + self.qq_bits * self.stat_codes.size + 16 * self.stat_params.size
+        return int(bits + 32 * self.outlier_values.size)
+
+    def dequantize(self) -> Float[Array, "d_in d_out"]:
+        return spqr_dequantize(self)
+
 
 def spqr_dequantize(q: SpQRArray) -> Float[Array, "d_in d_out"]:
     """Ŵ: bilevel stats → first-level (s, z) per (group, output) → s·(c − z), then outliers."""
@@ -122,9 +136,7 @@ def spqr_dequantize(q: SpQRArray) -> Float[Array, "d_in d_out"]:
 
 def spqr_bits_per_weight(q: SpQRArray) -> float:
     """(b·n + b_qq·|stat codes| + 16·|second-level stats| + 32·#outliers) / n, n = d_in·d_out."""
-    n = q.shape[0] * q.shape[1]
-    bits = q.bits * n + q.qq_bits * q.stat_codes.size + 16 * q.stat_params.size
-    return float(bits + 32 * q.outlier_values.size) / n
+    return q.bits_per_weight
 
 
 @functools.partial(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import struct
 
+from feynkit.compression.protocol import CompressedTensor, _check_matmul_input, array_bits
 from feynkit.compression.quant.qarray import QuantizedArray, dequantize, quantize
 from feynkit.compression.quant.smoothquant import quantize_activations, smooth_scales
 from feynkit.core.types import Array, ArrayLike, Float
@@ -33,8 +34,12 @@ __all__ = ["SVDQuantLinear", "svdquant_apply", "svdquant_linear"]
 
 
 @struct.dataclass
-class SVDQuantLinear:
+class SVDQuantLinear(CompressedTensor):
     """y = (x/λ) L₁ L₂ + Q_a(x/λ) · dequantize(residual).
+
+    Protocol: ``matmul`` is `svdquant_apply` (``quantizes_activations`` when ``a_bits`` is set);
+    ``dequantize()`` the effective float kernel diag(1/λ)(L₁L₂ + Q(R)); storage = residual +
+    low-rank factors + smoothing vector at their stored dtypes.
 
     Attributes:
       inv_smooth: 1 / λ, shape (d_in,).
@@ -55,10 +60,29 @@ class SVDQuantLinear:
         return self.l1.shape[1]
 
     @property
-    def nbytes(self) -> int:
-        """Bytes of the quantized residual, the low-rank factors and the smoothing vector."""
-        extra = sum(int(a.size) * a.dtype.itemsize for a in (self.l1, self.l2, self.inv_smooth))
-        return self.residual.nbytes + extra
+    def quantizes_activations(self) -> bool:  # type: ignore[override]
+        return self.a_bits is not None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.residual.shape
+
+    @property
+    def dtype(self):
+        return self.residual.dtype
+
+    @property
+    def nbits(self) -> int:
+        """Bits of the quantized residual, the low-rank factors and the smoothing vector."""
+        return self.residual.nbits + array_bits(self.l1, self.l2, self.inv_smooth)
+
+    def dequantize(self) -> Float[Array, "d_in d_out"]:
+        f32 = jnp.float32
+        w = self.l1.astype(f32) @ self.l2.astype(f32) + dequantize(self.residual).astype(f32)
+        return (self.inv_smooth[:, None] * w).astype(self.dtype)
+
+    def matmul(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_out"]:
+        return svdquant_apply(self, x)
 
 
 def svdquant_linear(
@@ -118,6 +142,7 @@ def svdquant_apply(
 ) -> Float[Array, "... d_out"]:
     """ŷ = X̂ L₁ L₂ (16-bit branch, unquantized activations) + Q_a(X̂) · Q(R), X̂ = x / λ."""
     x = jnp.asarray(x)
+    _check_matmul_input(x, layer.inv_smooth.shape[0], "SVDQuantLinear")
     xs = x * layer.inv_smooth.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
     low = (xs @ layer.l1.astype(x.dtype)) @ layer.l2.astype(x.dtype)
     xq = xs if layer.a_bits is None else quantize_activations(xs, layer.a_bits, layer.a_group_size)

@@ -1,12 +1,13 @@
-"""Quantize the leaves of a parameter pytree selected by regex over their '/'-joined paths.
+"""Parameter pytrees with compressed leaves: path selection and the tree functions.
 
 Paths are the dictionary keys joined by '/', e.g. ``layers_0/self_attn/q_proj/kernel`` for
 `feynkit.models.transformer.TransformerLM`. Every pattern must fully match at least one leaf
 (big_vision's ``make_mask_trees`` check), so a typo fails loudly instead of quantizing nothing.
-
-The reference execution path is dequantize-on-use: `quantized_apply(forward)` turns
-``forward(params, *args)`` into ``forward_q(qparams, *args)`` that dequantizes inside (under the
-caller's ``jit`` the dequantization is fused into the forward pass).
+Every compressed container (`feynkit.compression.protocol`) is a leaf here, so
+`dequantize_tree`, `tree_nbytes` and `tree_bits_per_weight` treat all of them alike; a
+`QuantRecipe` (`feynkit.compression.quant.recipes`) compresses the selected leaves, and
+`compressed_apply` (`feynkit.compression.quant.apply`) runs a model's own ``apply`` on the
+result.
 
 References:
   Frantar et al. (2023), "GPTQ"; Dettmers et al. (2022), "LLM.int8()" (weight-only, per-group).
@@ -14,7 +15,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
@@ -22,25 +22,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from feynkit.compression.quant.qarray import (
-    MAX_BITS,
-    MIN_BITS,
-    QuantizedArray,
-    dequantize,
-    quantize,
-)
+from feynkit.compression.protocol import is_compressed
 from feynkit.core.types import Array, PyTree
 
 __all__ = [
+    "ALL_KERNELS",
     "LINEAR_KERNELS",
-    "QuantRecipe",
     "dequantize_tree",
+    "is_compressed",
     "is_quantized",
     "map_matching",
     "match_paths",
     "path_str",
     "quantize_tree",
-    "quantized_apply",
+    "tree_bits_per_weight",
     "tree_nbytes",
     "tree_paths",
 ]
@@ -48,37 +43,13 @@ __all__ = [
 LINEAR_KERNELS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
 """The attention and MLP kernels of `TransformerLM` (embeddings, norms and lm_head excluded)."""
 
-
-@dataclasses.dataclass(frozen=True)
-class QuantRecipe:
-    """How to quantize a selected weight (see `feynkit.compression.quant.quantize`).
-
-    Attributes:
-      bits: 2..8. group_size: group length along ``axis`` (None: per output channel).
-      symmetric: signed codes without zero point. axis: reduction axis (0 for Flax kernels).
-      per_tensor: one scale per array (group_size ignored).
-    """
-
-    bits: int = 4
-    group_size: int | None = None
-    symmetric: bool = True
-    axis: int = 0
-    per_tensor: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ValueError(f"QuantRecipe.bits={self.bits!r}: allowed are {MIN_BITS}..{MAX_BITS}.")
-        if self.group_size is not None and (
-            not isinstance(self.group_size, int) or self.group_size < 1
-        ):
-            raise ValueError(
-                f"QuantRecipe.group_size={self.group_size!r}: a positive integer or None."
-            )
+ALL_KERNELS = r"(.*/)?kernel"
+"""Every leaf named ``kernel``: all Dense and Conv kernels of a Flax model."""
 
 
 def is_quantized(x) -> bool:
-    """True for a `QuantizedArray` (use as ``is_leaf`` in tree maps)."""
-    return isinstance(x, QuantizedArray)
+    """Alias of `is_compressed` (any compressed container)."""
+    return is_compressed(x)
 
 
 def path_str(path: Sequence) -> str:
@@ -95,8 +66,8 @@ def path_str(path: Sequence) -> str:
 
 
 def tree_paths(tree: PyTree) -> list[str]:
-    """The '/'-joined paths of the leaves of ``tree`` (QuantizedArray counts as a leaf)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
+    """The '/'-joined paths of the leaves of ``tree`` (a compressed container is one leaf)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)[0]
     return [path_str(p) for p, _ in leaves]
 
 
@@ -132,83 +103,93 @@ def map_matching(
         p = path_str(path)
         return fn(p, leaf) if p in selected else leaf
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_quantized)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=is_compressed)
 
 
 def quantize_tree(
     params: PyTree,
-    recipe: QuantRecipe,
-    where: str | Sequence[str] = LINEAR_KERNELS,
+    recipe: Callable[..., PyTree],
+    where: str | Sequence[str] | None = None,
     *,
-    quantizer: Callable[[Array], QuantizedArray] | None = None,
+    calibration=None,
 ) -> PyTree:
-    """``params`` with every leaf matching ``where`` replaced by its `QuantizedArray`.
+    """``recipe(params, calibration)``, optionally on other paths than the recipe's own.
 
     Args:
       params: a parameter pytree (nested dicts, as Flax returns).
-      recipe: bits, group size, symmetry and axis for round-to-nearest.
-      where: regex (or list) over '/'-joined paths; each must match at least one leaf.
-      quantizer: optional ``w -> QuantizedArray`` used instead of round-to-nearest.
+      recipe: a `QuantRecipe` (e.g. ``rtn_recipe(bits=4, group_size=64)``).
+      where: regex (or list) over '/'-joined paths replacing ``recipe.where``; each pattern
+        must match at least one leaf.
+      calibration: statistics from `calibrate` when ``recipe.needs_calibration``.
 
     Returns:
-      The same tree structure with QuantizedArray leaves at the selected paths.
+      The same tree structure with compressed leaves at the selected paths.
 
     Raises:
-      ValueError: unmatched pattern, or bad recipe for a leaf (the message names its path).
+      ValueError: unmatched pattern, missing calibration, a selected leaf already compressed,
+        or a bad setting for a leaf (the message names its path).
     """
-
-    def quant(path, w):
-        try:
-            if quantizer is not None:
-                return quantizer(w)
-            return quantize(
-                w,
-                recipe.bits,
-                group_size=recipe.group_size,
-                axis=recipe.axis,
-                symmetric=recipe.symmetric,
-                per_tensor=recipe.per_tensor,
-            )
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-
-    return map_matching(quant, params, where)
+    if not callable(recipe) or not hasattr(recipe, "needs_calibration"):
+        raise ValueError(
+            f"recipe must be a QuantRecipe (e.g. rtn_recipe(bits=4)), got {type(recipe).__name__}."
+        )
+    if where is not None:
+        recipe = recipe.with_where(where)
+    return recipe(params, calibration)
 
 
 def dequantize_tree(tree: PyTree) -> PyTree:
-    """Every `QuantizedArray` leaf replaced by its dequantized array; other leaves unchanged."""
+    """Every compressed leaf replaced by ``leaf.dequantize()``; float leaves unchanged."""
     return jax.tree_util.tree_map(
-        lambda x: dequantize(x) if is_quantized(x) else x, tree, is_leaf=is_quantized
+        lambda x: x.dequantize() if is_compressed(x) else x, tree, is_leaf=is_compressed
     )
 
 
-def quantized_apply(forward: Callable[..., object]) -> Callable[..., object]:
-    """``forward(params, *args, **kw)`` → ``f(qparams, *args, **kw)`` that dequantizes inside.
-
-    E.g. ``quantized_apply(model.forward)(qparams, tokens)`` for a `TransformerLM`.
-    """
-
-    def apply(qparams, *args, **kwargs):
-        return forward(dequantize_tree(qparams), *args, **kwargs)
-
-    return apply
+def _leaf_bits(leaf, float_dtype) -> tuple[int, int]:
+    """(storage bits, represented values) of one leaf."""
+    if is_compressed(leaf):
+        return int(leaf.nbits), leaf.size
+    dtype = np.dtype(leaf.dtype)
+    if float_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
+        dtype = np.dtype(float_dtype)
+    n = int(np.prod(np.shape(leaf), dtype=np.int64))
+    return n * dtype.itemsize * 8, n
 
 
 def tree_nbytes(tree: PyTree, *, float_dtype=None) -> int:
-    """Bytes of all leaves: `QuantizedArray.nbytes` for quantized ones, ``size·itemsize`` else.
+    """Bytes of all leaves: ``nbytes`` for compressed ones, ``size·itemsize`` for arrays.
 
     Args:
-      tree: a (partly) quantized parameter tree.
-      float_dtype: if given, count unquantized floating leaves as stored in this dtype (e.g.
+      tree: a (partly) compressed parameter tree.
+      float_dtype: if given, count uncompressed floating leaves as stored in this dtype (e.g.
         ``jnp.bfloat16`` for the bf16 baseline).
     """
     total = 0
-    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_quantized):
-        if is_quantized(leaf):
-            total += leaf.nbytes
-            continue
-        dtype = np.dtype(leaf.dtype)
-        if float_dtype is not None and jnp.issubdtype(dtype, jnp.floating):
-            dtype = np.dtype(float_dtype)
-        total += int(np.prod(np.shape(leaf), dtype=np.int64)) * dtype.itemsize
+    for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_compressed):
+        total += leaf.nbytes if is_compressed(leaf) else _leaf_bits(leaf, float_dtype)[0] // 8
     return total
+
+
+def tree_bits_per_weight(
+    tree: PyTree, where: str | Sequence[str] | None = None, *, float_dtype=None
+) -> float:
+    """Average storage bits per value over the selected leaves, Σ bits / Σ values.
+
+    Args:
+      tree: a (partly) compressed parameter tree.
+      where: regexes over paths (each must match); None: every compressed leaf.
+      float_dtype: count selected float leaves in this dtype (default: their own).
+
+    Raises:
+      ValueError: nothing selected (``where`` None and no compressed leaf).
+    """
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_compressed)[0]
+    if where is None:
+        chosen = [leaf for _, leaf in leaves if is_compressed(leaf)]
+        if not chosen:
+            raise ValueError("tree_bits_per_weight: the tree has no compressed leaf; pass where=.")
+    else:
+        selected = set(match_paths(tree, where))
+        chosen = [leaf for p, leaf in leaves if path_str(p) in selected]
+    bits, values = map(sum, zip(*(_leaf_bits(x, float_dtype) for x in chosen), strict=True))
+    return bits / max(values, 1)

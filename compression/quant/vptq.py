@@ -43,6 +43,7 @@ from flax import struct
 from jax import lax
 
 from feynkit.compression.hessian import inverse_hessian_cholesky, obs_sweep
+from feynkit.compression.protocol import CompressedTensor, array_bits
 from feynkit.core.types import Array, ArrayLike, Float, Int, Key
 
 __all__ = [
@@ -153,8 +154,11 @@ def kmeans(
 
 
 @struct.dataclass
-class VQArray:
+class VQArray(CompressedTensor):
     """A kernel (d_in, d_out) stored as codebook indices of length-v output-channel vectors.
+
+    Protocol storage (``nbits``): indices at ⌈log₂k⌉ bits, codebooks at their stored dtype
+    (fp16), i.e. `vq_bits_per_weight` with its default ``codebook_bits=16``.
 
     Attributes:
       indices: (d_in, d_out // v) int32 (log₂k bits each when packed).
@@ -176,6 +180,15 @@ class VQArray:
     @property
     def shape(self) -> tuple[int, int]:
         return self.indices.shape[0], self.indices.shape[1] * self.vector_len
+
+    @property
+    def nbits(self) -> int:
+        books = [self.codebook] + ([] if self.res_codebook is None else [self.res_codebook])
+        per_vector = sum(math.ceil(math.log2(max(b.shape[0], 2))) for b in books)
+        return int(self.indices.size * per_vector + array_bits(*books))
+
+    def dequantize(self) -> Float[Array, "d_in d_out"]:
+        return vq_dequantize(self)
 
 
 def vq_dequantize(q: VQArray) -> Float[Array, "d_in d_out"]:

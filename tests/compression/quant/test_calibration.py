@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from feynkit.compression.quant import (
-    QuantRecipe,
+    LINEAR_KERNELS,
     collect_linear_inputs,
+    compressed_apply,
     dequantize,
-    gptq_quantize_tree,
+    gptq_recipe,
     linear_hessians,
-    quantize_tree,
-    quantized_apply,
+    rtn_recipe,
 )
 from tests.compression.quant._tiny_lm import tiny_lm, tokens
 
@@ -77,12 +77,11 @@ def test_gptq_on_the_model_beats_rtn_on_logits():
     model, params = tiny_lm()
     calib = tokens(3, n=16)
     hs = linear_hessians(model, params, calib, batch_size=8)
-    recipe = QuantRecipe(bits=3)
-    q_gptq = gptq_quantize_tree(params, hs, recipe)
-    q_rtn = quantize_tree(params, recipe)
+    q_gptq = gptq_recipe(bits=3, where=LINEAR_KERNELS)(params, hs)
+    q_rtn = rtn_recipe(bits=3, where=LINEAR_KERNELS)(params)
     test = tokens(4, n=4)
     ref = jax.jit(model.forward)(params, test)
-    fwd = jax.jit(quantized_apply(model.forward))
+    fwd = jax.jit(compressed_apply(model.forward))
     err = lambda q: float(jnp.mean((fwd(q, test) - ref) ** 2))
     assert err(q_gptq) < 0.85 * err(q_rtn), (err(q_gptq), err(q_rtn))
     k = "layers_0/mlp/up_proj/kernel".split("/")

@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 
 from feynkit.compression.quant import (
-    QuantRecipe,
     codes_of,
     dequantize,
     gptq_quantize,
-    gptq_quantize_tree,
+    gptq_recipe,
     quantize,
 )
 
@@ -185,10 +184,12 @@ def test_bad_inputs_raise():
         gptq_quantize(W[None], H, 4)
 
 
-def test_gptq_quantize_tree_paths_and_missing_hessian():
+def test_gptq_recipe_paths_and_missing_hessian():
     X, W, H = _data(6)
     params = {"a": {"kernel": jnp.asarray(W, jnp.float32)}, "b": {"kernel": jnp.ones((3, 3))}}
-    out = gptq_quantize_tree(params, {"a/kernel": H}, QuantRecipe(bits=4), where=r"a/kernel")
+    out = gptq_recipe(bits=4, where=r"a/kernel")(params, {"a/kernel": H})
     assert codes_of(out["a"]["kernel"]).shape == W.shape and out["b"]["kernel"].shape == (3, 3)
-    with pytest.raises(ValueError, match="no Hessian for b/kernel"):
-        gptq_quantize_tree(params, {"a/kernel": H}, QuantRecipe(bits=4), where=r".*kernel")
+    with pytest.raises(ValueError, match="no calibration hessian for b/kernel"):
+        gptq_recipe(bits=4, where=r".*kernel")(params, {"a/kernel": H})
+    with pytest.raises(ValueError, match="needs calibration"):
+        gptq_recipe(bits=4, where=r"a/kernel")(params)
