@@ -3,6 +3,7 @@
 `core` imports nothing else of feynkit.
 """
 
+from feynkit.core.numerics import bisect
 from feynkit.core.resampling import (
     RESAMPLERS,
     adaptive_resample,
@@ -20,6 +21,7 @@ from feynkit.core.schedules import (
     VPSchedule,
     get_schedule,
 )
+from feynkit.core.validation import check_reward_shape, check_time_grid
 from feynkit.core.weights import (
     check_log_weights,
     conditional_ess,
@@ -36,7 +38,10 @@ __all__ = [
     "RectifiedFlowSchedule",
     "VPSchedule",
     "adaptive_resample",
+    "bisect",
     "check_log_weights",
+    "check_reward_shape",
+    "check_time_grid",
     "conditional_ess",
     "ess",
     "get_resampler",

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.types import Array, ArrayLike, Float, Key
+from feynkit.core.validation import check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction
 from feynkit.inference.diffusion.sampler import Guidance, PredictFn, SampleInfo, Solver, sample
 from feynkit.inference.diffusion.solvers import ddim
@@ -121,9 +122,7 @@ def bdia(
 
 
 def _check_grid(timesteps: ArrayLike, gamma: float, x_next, invert: bool) -> Array:
-    ts = jnp.asarray(timesteps)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"timesteps must be a 1-D grid of ≥ 2 times, got shape {ts.shape}.")
+    ts = check_time_grid(timesteps)
     if invert and not gamma > 0:
         raise ValueError(f"BDIA inversion divides by gamma: need gamma > 0, got {gamma}.")
     if not gamma >= 0:

@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from feynkit.core.numerics import bisect
 from feynkit.core.types import Array, ArrayLike, Float, Int
 from feynkit.inference.diffusion.prediction import Prediction
 
@@ -201,16 +202,10 @@ def fit_temperature(
         p = jax.nn.softmax(jnp.exp(log_beta) * f, axis=1)
         return jnp.mean(jnp.sum(p * f, axis=1) - fy)
 
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        up = dnll(mid) < 0  # NLL still decreasing: the optimum has a larger β
-        return jnp.where(up, mid, lo), jnp.where(up, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(
-        0, iterations, body, (jnp.log(1.0 / t_max) * jnp.ones(()), jnp.log(1.0 / t_min))
+    log_beta = bisect(
+        dnll, jnp.log(1.0 / t_max), jnp.log(1.0 / t_min), increasing=True, iterations=iterations
     )
-    return jnp.exp(-0.5 * (lo + hi))
+    return jnp.exp(-log_beta)
 
 
 @functools.partial(jax.jit, static_argnames="num_bins")

@@ -26,7 +26,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from feynkit.core.numerics import bisect
 from feynkit.core.types import Array, ArrayLike, Key
+from feynkit.core.validation import check_reward_shape, check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
 from feynkit.inference.diffusion.sampler import (
     Solver,
@@ -41,15 +43,7 @@ def matching_time(schedule: Any, snr_ratio: Array, t_min: float = 0.0, t_max: fl
     """The time t of `schedule` with α_t/σ_t = `snr_ratio` (bisection; α/σ decreases in t)."""
     ratio = jnp.asarray(snr_ratio)
     lo, hi = jnp.full_like(ratio, t_min), jnp.full_like(ratio, t_max)
-
-    def body(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        above = schedule.alpha(mid) > ratio * schedule.sigma(mid)  # SNR too high: go later
-        return jnp.where(above, mid, lo), jnp.where(above, hi, mid)
-
-    lo, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
-    return 0.5 * (lo + hi)
+    return bisect(lambda t: schedule.alpha(t) - ratio * schedule.sigma(t), lo, hi, increasing=False)
 
 
 def convert_interpolant(
@@ -117,7 +111,7 @@ def rollover_budget_forcing(
       `RBFResult` (the chains' x̂₀ at the last time and their rewards).
     """
     x = jnp.asarray(x_init)
-    ts = jnp.asarray(timesteps, x.dtype)
+    ts = check_time_grid(timesteps, x.dtype)
     num_steps = ts.shape[0] - 1
     share = (budget - 1) // num_steps
     if share < 1:
@@ -130,10 +124,7 @@ def rollover_budget_forcing(
     nfe0 = jnp.zeros((), jnp.int32)
 
     def rewards(pred: Prediction) -> Array:
-        r = jnp.asarray(reward_fn(pred.x0))
-        if r.shape != (b,):
-            raise ValueError(f"reward_fn must return shape ({b},), got {r.shape}.")
-        return r
+        return check_reward_shape(reward_fn(pred.x0), b)
 
     def propose(k, chain: _Chain, t, t_next):
         cached = reuse_first_prediction(predict, chain.pred)
