@@ -218,7 +218,7 @@ def run(cfg, out_dir: Path) -> Results:
                 [
                     energy_distance(
                         ref[labels == k],
-                        centers[k]
+                        centers[k][None, :]
                         + toy_ex.scale
                         * jax.random.normal(
                             jax.random.fold_in(k_ref, k), (ex.samples_per_class, 2)

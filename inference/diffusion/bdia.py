@@ -39,7 +39,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from feynkit.core.types import Array, ArrayLike, Float, Key
+from feynkit.core.types import Array, ArrayLike, Float, Key, ModelFn, Schedule
 from feynkit.core.validation import check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction
 from feynkit.inference.diffusion.sampler import Guidance, PredictFn, SampleInfo, Solver, sample
@@ -57,7 +57,7 @@ class BDIAState(NamedTuple):
     started: Array
 
 
-def _ddim_map(schedule: Any) -> Callable[[Array, Prediction, Array, Array], Array]:
+def _ddim_map(schedule: Schedule) -> Callable[[Array, Prediction, Array, Array], Array]:
     """φ(z; t → s) from a fixed prediction, through the DDIM step of `solvers.ddim` (η = 0)."""
     step = ddim(schedule, 0.0).step
 
@@ -68,7 +68,7 @@ def _ddim_map(schedule: Any) -> Callable[[Array, Prediction, Array, Array], Arra
 
 
 def bdia(
-    schedule: Any,
+    schedule: Schedule,
     gamma: float = 1.0,
     x_prev: ArrayLike | None = None,
     t_prev: ArrayLike | None = None,
@@ -145,8 +145,8 @@ def _run(solver_gamma, schedule, model_fn, x, x_next, ts, kwargs):
 
 
 def bdia_sample(
-    model_fn: Callable[..., Array],
-    schedule: Any,
+    model_fn: ModelFn,
+    schedule: Schedule,
     x_init: Float[ArrayLike, "batch ..."],
     timesteps: Float[ArrayLike, " steps_plus_1"],
     gamma: float = 1.0,
@@ -187,8 +187,8 @@ def bdia_sample(
 
 
 def bdia_invert(
-    model_fn: Callable[..., Array],
-    schedule: Any,
+    model_fn: ModelFn,
+    schedule: Schedule,
     x_final: Float[ArrayLike, "batch ..."],
     timesteps: Float[ArrayLike, " steps_plus_1"],
     gamma: float = 1.0,

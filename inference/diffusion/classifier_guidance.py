@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.numerics import bisect
-from feynkit.core.types import Array, ArrayLike, Float, Int
+from feynkit.core.types import Array, ArrayLike, Float, Int, Schedule
 from feynkit.inference.diffusion.prediction import Prediction
 
 __all__ = [
@@ -95,7 +95,7 @@ def classifier_guided_model(
     logits_fn: Callable[[Array, Array], Array],
     scale: float,
     *,
-    schedule: Any,
+    schedule: Schedule,
     label_key: str = "label",
     on_x0: bool = False,
     through_denoiser: bool = False,

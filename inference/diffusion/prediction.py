@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
-from feynkit.core.types import Array, ArrayLike
+from feynkit.core.types import Array, ArrayLike, ModelFn, Schedule
 
 __all__ = [
     "PREDICTION_KINDS",
@@ -54,7 +54,7 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown prediction kind {kind!r}; choose one of {PREDICTION_KINDS}.")
 
 
-def _coefs(schedule: Any, t: ArrayLike, kind: str) -> tuple[Array, ...]:
+def _coefs(schedule: Schedule, t: ArrayLike, kind: str) -> tuple[Array, ...]:
     a, s = schedule.alpha(t), schedule.sigma(t)
     if kind == "velocity":
         return a, s, schedule.dalpha_dt(t), schedule.dsigma_dt(t)
@@ -62,7 +62,7 @@ def _coefs(schedule: Any, t: ArrayLike, kind: str) -> tuple[Array, ...]:
 
 
 def to_prediction(
-    kind: str, output: ArrayLike, x: ArrayLike, schedule: Any, t: ArrayLike
+    kind: str, output: ArrayLike, x: ArrayLike, schedule: Schedule, t: ArrayLike
 ) -> Prediction:
     """(x̂₀, ε̂) from a network output of the given kind at x_t, time t (a scalar).
 
@@ -91,7 +91,7 @@ def to_prediction(
     return Prediction((ds * x - s * out) / det, (a * out - da * x) / det)
 
 
-def from_prediction(kind: str, pred: Prediction, schedule: Any, t: ArrayLike) -> Array:
+def from_prediction(kind: str, pred: Prediction, schedule: Schedule, t: ArrayLike) -> Array:
     """The network output of the given kind that `pred` corresponds to (inverse of
     `to_prediction` for a consistent pair)."""
     _check_kind(kind)
@@ -108,7 +108,7 @@ def from_prediction(kind: str, pred: Prediction, schedule: Any, t: ArrayLike) ->
 
 
 def as_denoiser(
-    model_fn: Callable[..., Array], schedule: Any, kind: str = "eps"
+    model_fn: ModelFn, schedule: Schedule, kind: str = "eps"
 ) -> Callable[..., Prediction]:
     """Wrap ``model_fn(x, t, **cond) -> output`` into ``denoise(x, t, **cond) -> Prediction``.
 

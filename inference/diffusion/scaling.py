@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.numerics import bisect
-from feynkit.core.types import Array, ArrayLike, Key
+from feynkit.core.types import Array, ArrayLike, Key, ModelFn, RewardFn, Schedule
 from feynkit.core.validation import check_reward_shape, check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
 from feynkit.inference.diffusion.sampler import (
@@ -39,7 +39,7 @@ from feynkit.inference.diffusion.sampler import (
 __all__ = ["RBFResult", "convert_interpolant", "matching_time", "rollover_budget_forcing"]
 
 
-def matching_time(schedule: Any, snr_ratio: Array, t_min: float = 0.0, t_max: float = 1.0):
+def matching_time(schedule: Schedule, snr_ratio: Array, t_min: float = 0.0, t_max: float = 1.0):
     """The time t of `schedule` with α_t/σ_t = `snr_ratio` (bisection; α/σ decreases in t)."""
     ratio = jnp.asarray(snr_ratio)
     lo, hi = jnp.full_like(ratio, t_min), jnp.full_like(ratio, t_max)
@@ -47,7 +47,7 @@ def matching_time(schedule: Any, snr_ratio: Array, t_min: float = 0.0, t_max: fl
 
 
 def convert_interpolant(
-    model_fn: Callable[..., Array], kind: str, source: Any, target: Any
+    model_fn: ModelFn, kind: str, source: Schedule, target: Schedule
 ) -> Callable[..., Prediction]:
     """A model of the `source` schedule (output `kind`) as a `Prediction` model on `target`.
 
@@ -86,10 +86,10 @@ class _Chain(NamedTuple):
 def rollover_budget_forcing(
     key: Key,
     solver: Solver,
-    model_fn: Callable[..., Array],
+    model_fn: ModelFn,
     x_init: ArrayLike,
     timesteps: ArrayLike,
-    reward_fn: Callable[[Array], Array],
+    reward_fn: RewardFn,
     budget: int,
     *,
     prediction: str = "eps",
