@@ -258,7 +258,7 @@ def _gear_matmul(g, x):
             out = out + (xm @ a.astype(xm.dtype)) @ b.astype(xm.dtype)
         if idx.shape[0] > 0:  # x S: column j of S holds the outliers with idx % d == j
             rows, cols = idx // d, idx % d
-            contrib = xm[..., rows] * vals.astype(xm.dtype)
+            contrib = xm[..., rows] * vals.astype(xm.dtype)[None, :]
             out = out + jnp.zeros(out.shape, out.dtype).at[..., cols].add(contrib)
         return out
 

@@ -452,8 +452,8 @@ def svdquant_recipe(
 
     Args:
       rank, bits, group_size, alpha, a_bits, a_group_size, lowrank_dtype: as in
-        `svdquant_linear`; group_rule: as in `rtn_recipe`; smooth: False skips smoothing (no
-        calibration).
+        `svdquant_linear` (rank capped at min(d_in, d_out) for small kernels); group_rule: as
+        in `rtn_recipe`; smooth: False skips smoothing (no calibration).
 
     Returns:
       A `QuantRecipe` producing `SVDQuantLinear` leaves (run them with `compressed_apply`).
@@ -474,7 +474,7 @@ def svdquant_recipe(
         return svdquant_linear(
             w,
             stats.absmax if smooth else None,
-            rank,
+            min(rank, min(w.shape)),
             bits,
             _group(n, group_size, group_rule),
             alpha,
