@@ -1,8 +1,12 @@
-"""Hydra entry point: `python -m feynkit.experiments.run experiment=<name> [key=value ...]`.
+"""Hydra entry point: ``python -m feynkit.experiments.run [task=...] [experiment=...] [k=v ...]``.
 
-Each run writes `results.json` (metrics, claim checks, config, versions, wall time), its figures
-and checkpoints into Hydra's run directory, prints a table, and exits non-zero when a claim
-fails (for `--multirun` sweeps: when a claim of any job fails).
+`task=replication` (the default) runs the paper replication `experiment` (default `fkc_gmm`)
+through `feynkit.experiments.harness`; `task=sample`, `task=compress`, `task=train` run the
+generic tasks of `feynkit.experiments.tasks` over the config groups. Each run writes
+`results.json` (metrics, claim checks, config, versions, seed, wall time), its figures and
+checkpoints into Hydra's run directory, prints a table, and exits non-zero when a claim fails
+(for `--multirun` sweeps: at the end, when a claim of any job failed). Smoke runs
+(``smoke=true``) record their claims without enforcing them.
 """
 
 import dataclasses
@@ -16,33 +20,65 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from feynkit.experiments import replications
+from feynkit.experiments import harness
+from feynkit.experiments.results import Results
+
+__all__ = ["RunConfig", "main", "register_configs", "run_experiment"]
 
 
 @dataclasses.dataclass
 class RunConfig:
-    """Top-level keys shared by every experiment."""
+    """The top-level keys of every run: the task and the groups it composes."""
 
-    experiment: Any = MISSING
+    task: Any = MISSING
+    experiment: Any = None
+    model: Any = None
+    data: Any = None
+    solver: Any = None
+    guidance: Any = None
+    corrector: Any = None
+    quant: Any = None
+    prune: Any = None
+    decoder: Any = None
+    launcher: Any = None
     seed: int = 0
-    smoke: bool = False  # shrink the run (fewer steps/particles) for CI and quick checks
+    smoke: bool = False  # shrink the run for CI and quick checks; claims are not enforced
 
 
 def register_configs() -> None:
+    """Store the structured-config schemas: the run's, every replication's and every group
+    option's (`feynkit.experiments.tasks.register_schemas`, where the tasks define them)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    replications._load_all()
-    for name, rep in replications.REGISTRY.items():
-        cs.store(group="schema", name=name, node=rep.config_class)
+    cs.store(group="schema/experiment", name="composite", node=harness.ReplicationConfig)
+    for name, rep in harness.discover().items():
+        cs.store(group="schema/experiment", name=name, node=rep.schema)
+    try:
+        from feynkit.experiments import tasks
+    except ImportError:  # the generic tasks are optional for the replication harness
+        return
+    if hasattr(tasks, "register_schemas"):
+        tasks.register_schemas()
 
 
-_FAILED: list[str] = []
+def _run_name(cfg: DictConfig) -> str:
+    if cfg.task.name == "replication":
+        return str(cfg.experiment.name)
+    return str(cfg.task.name)
 
 
-def run_experiment(cfg: DictConfig, out_dir: str | Path):
-    """Run the experiment `cfg.experiment.name` and write its results into `out_dir`."""
-    rep = replications.get(cfg.experiment.name)
-    results = rep.run(cfg, Path(out_dir))
+def run_experiment(cfg: DictConfig, out_dir: str | Path) -> Results:
+    """Run the task of `cfg` and write its results into `out_dir`."""
+    results = Results(_run_name(cfg), cfg.seed)
+    ctx = harness.Context(results, cfg.seed, cfg.smoke, out_dir)
+    if cfg.task.name == "replication":
+        harness.run_replication(cfg, ctx)
+    else:
+        from feynkit.experiments.tasks import TASKS
+
+        if cfg.task.name not in TASKS:
+            raise ValueError(f"unknown task {cfg.task.name!r}; known: {sorted(TASKS)}.")
+        TASKS[cfg.task.name](cfg, ctx)
     results.config = OmegaConf.to_container(cfg, resolve=True)
     path = results.write(out_dir)
     print(results.table())
@@ -50,15 +86,24 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path):
     return results
 
 
+_FAILED: list[str] = []
+
+
 @hydra.main(version_base=None, config_path="../configs", config_name="config")
 def _main(cfg: DictConfig) -> None:
+    try:
+        from feynkit.experiments.distributed import maybe_initialize
+    except ImportError:
+        pass
+    else:
+        maybe_initialize()
     hc = HydraConfig.get()
     results = run_experiment(cfg, hc.runtime.output_dir)
     if cfg.smoke:
         print("smoke run: claims are recorded but not enforced at this scale.")
     elif not results.all_hold:
         failed = [c.name for c in results.claims if not c.holds]
-        msg = f"claims failed in {cfg.experiment.name}: {', '.join(failed)}"
+        msg = f"claims failed in {results.experiment}: {', '.join(failed)}"
         print(msg, file=sys.stderr)
         if hc.mode == RunMode.RUN:
             sys.exit(1)

@@ -12,16 +12,15 @@ the weighted energy distance to the ground truth, averaged over seeds.
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule, get_resampler, systematic_resample
+from feynkit.experiments import harness
 from feynkit.experiments.metrics import energy_distance
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.inference import smc
 from feynkit.models import GaussianMixture, sample_guided, sample_tempered
 
@@ -29,20 +28,37 @@ VARIANTS = ("anneal", "product", "cfg")
 
 
 @dataclasses.dataclass
-class FKCGMMConfig:
-    name: str = "fkc_gmm"
-    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS))
-    dims: list[int] = dataclasses.field(default_factory=lambda: [2, 8])
-    particles: list[int] = dataclasses.field(default_factory=lambda: [128, 2048])
-    num_seeds: int = 3
-    num_steps: int = 400
-    t_min: float = 1e-3
-    beta: float = 3.0  # annealing: target p^beta
-    guidance_weight: float = 3.0  # cfg: target p_c^w p^(1-w)
-    ess_threshold: float = 0.5
-    resampler: str = "systematic"
-    num_reference: int = 4096
-    improvement: float = 2.0  # claim: naive_error / fkc_error > improvement
+class FKCGMMConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/fkc_gmm.yaml` (the values live there)."""
+
+    variants: list[str] = MISSING
+    dims: list[int] = MISSING
+    particles: list[int] = MISSING
+    num_seeds: int = MISSING
+    num_steps: int = MISSING
+    t_min: float = MISSING
+    beta: float = MISSING  # annealing: target p^beta
+    guidance_weight: float = MISSING  # cfg: target p_c^w p^(1-w)
+    ess_threshold: float = MISSING
+    resampler: str = MISSING
+    num_reference: int = MISSING
+    improvement: float = MISSING  # claim: naive_error / fkc_error > improvement
+
+    def __post_init__(self):
+        for v in self.variants:
+            harness.require(
+                v in VARIANTS, "variants", f"has unknown {v!r}; choose from {VARIANTS}."
+            )
+        harness.require(
+            len(self.particles) >= 2 and sorted(self.particles) == list(self.particles),
+            "particles",
+            f"needs >= 2 increasing counts, got {list(self.particles)}.",
+        )
+        harness.require(
+            self.beta > 0, "beta", f"(inverse temperature) must be > 0, got {self.beta}."
+        )
+        harness.require(self.num_seeds >= 1, "num_seeds", "must be >= 1.")
+        harness.require(self.num_reference >= 2, "num_reference", "must be >= 2.")
 
 
 def _embed(means_2d, dim: int) -> np.ndarray:
@@ -126,34 +142,12 @@ def _sampler(sde, n, dim, cfg, resample_fn):
     return jax.jit(lambda keys, weighted: jax.lax.map(lambda k: one(k, weighted), keys))
 
 
-def _validate(ex: FKCGMMConfig) -> None:
-    for v in ex.variants:
-        if v not in VARIANTS:
-            raise ValueError(
-                f"unknown variant {v!r} in experiment.variants; choose from {VARIANTS}."
-            )
-    if len(ex.particles) < 2 or sorted(ex.particles) != list(ex.particles):
-        raise ValueError(
-            f"experiment.particles needs >= 2 increasing counts, got {list(ex.particles)}."
-        )
-    if not ex.beta > 0:
-        raise ValueError(f"experiment.beta (inverse temperature) must be > 0, got {ex.beta}.")
-    if ex.num_seeds < 1 or ex.num_reference < 2:
-        raise ValueError("experiment.num_seeds must be >= 1 and num_reference >= 2.")
-
-
-@register("fkc_gmm", FKCGMMConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = FKCGMMConfig(**cfg.experiment)
-    _validate(ex)
-    if cfg.smoke:
-        ex = dataclasses.replace(
-            ex, num_steps=50, num_seeds=2, num_reference=512, particles=[64, 256], dims=[2]
-        )
-    res = Results("fkc_gmm", cfg.seed)
+@harness.replication("fkc_gmm", FKCGMMConfig)
+def run(ex: FKCGMMConfig, ctx: harness.Context) -> None:
+    res = ctx
     schedule = LinearSchedule()
     resample_fn = get_resampler(ex.resampler)
-    key = jax.random.key(cfg.seed)
+    key = ctx.key
     figure_rows = []
     for dim in ex.dims:
         for variant in ex.variants:
@@ -192,19 +186,16 @@ def run(cfg, out_dir: Path) -> Results:
                 f"{prefix}: fkc_error falls from n={n_lo} to n={n_hi}", fkc, errors["fkc", n_lo]
             )
             res.metric(f"{prefix}.seconds", time.perf_counter() - t0)
-    res.figures.append(_plot(figure_rows, out_dir, cfg.seed))
-    return res
+    _plot(figure_rows, ctx)
 
 
-def _plot(rows, out_dir: Path, seed: int) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(rows, ctx: harness.Context) -> None:
     variants = sorted({r[0] for r in rows}, key=lambda p: VARIANTS.index(p.split(".")[0]))
-    fig, axes = plt.subplots(len(variants), 3, figsize=(9, 3 * len(variants)), squeeze=False)
-    key = jax.random.key(seed)
+    with ctx.figure("fkc_gmm.png", len(variants), 3, size=3.0) as (fig, axes):
+        _draw(rows, variants, axes, ctx.key)
+
+
+def _draw(rows, variants, axes, key) -> None:
     for i, prefix in enumerate(variants):
         by = {r[1]: r for r in rows if r[0] == prefix}
         truth = np.asarray(by["fkc"][4])
@@ -222,8 +213,3 @@ def _plot(rows, out_dir: Path, seed: int) -> str:
             ax.set_xlim(-4.5, 4.5)
             ax.set_ylim(-4.5, 4.5)
             ax.set_aspect("equal")
-    fig.tight_layout()
-    path = Path(out_dir) / "fkc_gmm.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
