@@ -57,6 +57,7 @@ class Claim:
     value: float
     bound: float
     op: str = "<"
+    smoke: bool = False  # also enforced in smoke runs (a loose bound that a smoke run must meet)
 
     @property
     def holds(self) -> bool:
@@ -69,6 +70,7 @@ class Claim:
             "value": self.value,
             "bound": self.bound,
             "op": self.op,
+            "smoke": self.smoke,
         }
 
 
@@ -89,16 +91,22 @@ class Results:
         self.metrics[name] = value
         return value
 
-    def claim(self, name: str, value: Any, bound: Any, op: str = "<") -> Claim:
+    def claim(
+        self, name: str, value: Any, bound: Any, op: str = "<", smoke: bool = False
+    ) -> Claim:
         if op not in _OPS:
             raise ValueError(f"unknown comparison {op!r}; use one of {sorted(_OPS)}.")
-        c = Claim(name, float(value), float(bound), op)
+        c = Claim(name, float(value), float(bound), op, smoke)
         self.claims.append(c)
         return c
 
     @property
     def all_hold(self) -> bool:
         return all(c.holds for c in self.claims)
+
+    def failed(self, smoke: bool = False) -> list[Claim]:
+        """The claims that do not hold; in a smoke run only those enforced at smoke scale."""
+        return [c for c in self.claims if not c.holds and (c.smoke or not smoke)]
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -129,8 +137,8 @@ class Results:
         if self.claims:
             lines += ["", "| claim | value | bound | holds |", "|---|---|---|---|"]
             lines += [
-                f"| {c.name} | {c.value:.4g} | {c.op} {c.bound:.4g} | "
-                f"{'yes' if c.holds else 'NO'} |"
+                f"| {c.name}{' (smoke)' if c.smoke else ''} | {c.value:.4g} | {c.op} {c.bound:.4g}"
+                f" | {'yes' if c.holds else 'NO'} |"
                 for c in self.claims
             ]
         return "\n".join(lines)
