@@ -170,13 +170,13 @@ def compress_params(cfg: DictConfig, bundle: ModelBundle, key):
         n = int((cfg.quant.get("calibration") or {}).get("num_samples", 32))
         inputs = bundle.calibration_inputs(key, n)
         where = cfg.quant.get("where") or bundle.quant_where
-        calibration = calibrate(bundle.apply_fn, bundle.params, inputs, where=where)
+        apply = bundle.calibration_apply or bundle.apply_fn
+        calibration = calibrate(apply, bundle.params, inputs, where=where)
     return recipe, recipe(bundle.params, calibration=calibration)
 
 
 def compressed_apply_fn(bundle: ModelBundle):
     """``apply_fn`` that accepts compressed parameters (the library's one mechanism)."""
-    from feynkit.compression import quant
+    from feynkit.compression.quant import compressed_apply
 
-    wrap = getattr(quant, "compressed_apply", None) or quant.quantized_apply
-    return wrap(bundle.apply_fn)
+    return compressed_apply(bundle.apply_fn)

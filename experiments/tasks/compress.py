@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from feynkit.experiments.tasks import build
 from feynkit.experiments.tasks.common import bound_for, new_figure, save_figure, task_settings
-from feynkit.experiments.tasks.validate import validate_combination
+from feynkit.experiments.tasks.validate import option_name, validate_combination
 
 __all__ = ["CompressTask", "layer_errors", "run_compress"]
 
@@ -87,7 +87,7 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
         ctx.metric(f"layer_error.{name}", e)
     worst = ctx.metric("layer_error.max", max(errors.values()))
     ctx.metric("layers_compressed", len(errors))
-    bound = bound_for(settings, "max_layer_error", build.target_name(cfg.quant) or "")
+    bound = bound_for(settings, "max_layer_error", option_name(cfg, "quant"))
     if bound is not None:
         ctx.claim(f"worst relative layer error < {bound:g}", worst, bound)
     apply_c = build.compressed_apply_fn(bundle)

@@ -55,7 +55,8 @@ class ModelBundle:
       reference: ``reference(key, n) -> (x, labels)`` data to compare samples with.
       judge: ``judge(x) -> (features, logits)`` for fd_digits and class accuracy.
       quant_where: default regex of the parameters a quantizer acts on.
-      calibration_inputs: ``inputs(key, n) -> args`` for ``apply_fn(params, *args)``.
+      calibration_inputs: ``inputs(key, n) -> args`` of batched arrays for
+        ``calibration_apply(params, *args)`` (default: ``apply_fn``), which `quant` calibrates on.
       extras: anything else a task may use (e.g. the LM corpus).
     """
 
@@ -75,6 +76,7 @@ class ModelBundle:
     judge: Callable[[Array], tuple[Array, Array]] | None = None
     quant_where: Any = None
     calibration_inputs: Callable[..., tuple] | None = None
+    calibration_apply: Callable[..., Any] | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def model_fn(self, params: PyTree | None = None) -> Callable[..., Array]:
@@ -296,7 +298,7 @@ def toy_mlp(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle
         num_classes=ex.num_modes,
         null_label=ex.num_modes,
         reference=reference,
-        quant_where=r".*kernel",
+        quant_where=r"(.*/)?kernel",
         calibration_inputs=_diffusion_calibration((2,), ex.num_modes),
         extras={"cached": cached, "centers": centers},
     )
@@ -333,7 +335,7 @@ def digits_unet(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBu
         classifier_logits=lambda x, t: classifier.forward(clf_params, x, t),
         reference=reference,
         judge=zoo.digits_judge(classifier, clf_params),
-        quant_where=r".*(Conv|Dense)_\d+/kernel",
+        quant_where=r"(.*/)?kernel",
         calibration_inputs=_diffusion_calibration(
             tuple(split.x_train.shape[1:]), zoo.DIGITS_NUM_CLASSES
         ),
@@ -397,7 +399,7 @@ def vae(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
     x_test = jnp.asarray(zoo.binarize(split.x_test))
 
     def inputs(key, n):
-        return (key, x_test[:n])
+        return (x_test[:n],)
 
     return ModelBundle(
         name="vae",
@@ -406,8 +408,9 @@ def vae(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
         params=cached.params,
         prediction="logits",
         x_shape=tuple(split.x_test.shape[1:]),
-        quant_where=r".*kernel",
+        quant_where=r"(.*/)?kernel",
         calibration_inputs=inputs,
+        calibration_apply=lambda p, x: model.forward(p, jax.random.key(0), x),
         extras={"cached": cached, "model": model, "x_test": x_test},
     )
 

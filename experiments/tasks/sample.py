@@ -42,23 +42,23 @@ class SampleTask:
     num_reference: int = 4096
     max_energy_distance: dict[str, float] = dataclasses.field(default_factory=dict)
     max_fd_digits: float = 10.0
+    min_class_accuracy: dict[str, float] = dataclasses.field(default_factory=dict)
     smoke_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _conditioning(cfg: DictConfig, bundle, settings, n: int, key):
-    """(labels, cond, uncond) of the run."""
+    """(labels, cond, uncond) of the run; `labels` are the classes the samples should have
+    (guidance and fkc_cfg condition on them, an FK-steering reward scores them)."""
     corrector = build.target_name(cfg.corrector)
-    guided = not build.is_none(cfg.guidance) or corrector in (
-        "fkc_cfg_corrector",
-        "fk_steering_corrector",
-    )
+    guided = not build.is_none(cfg.guidance) or corrector == "fkc_cfg_corrector"
     if corrector == "fkc_product_corrector":
         cond, uncond = bundle.experts(n)
         return None, cond, uncond
     if bundle.num_classes is None:
         return None, {}, {}
     null = jnp.full((n,), bundle.null_label, jnp.int32)
-    if settings.label is not None or (guided and corrector is not None):
+    steering = corrector == "fk_steering_corrector"
+    if settings.label is not None or corrector is not None and (guided or steering):
         # Particles of one SMC run share one target: one label (task.label, default class 0).
         label = 0 if settings.label is None else int(settings.label)
         labels = jnp.full((n,), label, jnp.int32)
@@ -66,13 +66,30 @@ def _conditioning(cfg: DictConfig, bundle, settings, n: int, key):
         labels = jax.random.randint(key, (n,), 0, bundle.num_classes)
     else:
         return None, {"label": null}, {"label": null}
+    if steering and not guided:  # the reward steers the unconditional model
+        return labels, {"label": null}, {"label": null}
     return labels, {"label": labels}, {"label": null}
+
+
+def _guided_truth(key, tgt, sched, t_min, w, labels, n):
+    """Exact draws of p_c^w p^(1−w) for each sample's class c (w ≥ 1)."""
+    from feynkit.models import sample_guided
+
+    full = tgt.sub(len(tgt.classes)).marginal(sched, t_min)
+    out = np.zeros((n, tgt.mixture.dim), np.float32)
+    for c in np.unique(labels):
+        idx = np.nonzero(labels == c)[0]
+        mass = float(jnp.sum(tgt.mixture.weights[np.asarray(tgt.classes[int(c)])]))
+        sub = tgt.sub(int(c)).marginal(sched, t_min)
+        k = jax.random.fold_in(key, int(c))
+        out[idx] = np.asarray(sample_guided(k, sub, full, w, mass, len(idx)))
+    return jnp.asarray(out)
 
 
 def _exact_target(key, cfg, bundle, settings, labels, n: int):
     """Exact draws from the target this combination means to sample (analytic models), or None
     when the combination has no closed-form target (e.g. APG)."""
-    from feynkit.models import sample_guided, sample_tempered
+    from feynkit.models import sample_tempered
 
     tgt = bundle.target
     sched, t_min = bundle.schedule, settings.t_min
@@ -91,22 +108,18 @@ def _exact_target(key, cfg, bundle, settings, labels, n: int):
         return sample_tempered(key, base.marginal(sched, t_min), float(cfg.corrector.beta), n)
     if guidance == "cfg" or corrector == "fkc_cfg_corrector":
         w = float(cfg.corrector.scale if corrector else cfg.guidance.scale)
-        if w < 1:
-            return None
-        full = tgt.sub(null).marginal(sched, t_min)
-        out = np.zeros((n, tgt.mixture.dim), np.float32)
-        lab = np.asarray(labels)
-        for c in np.unique(lab):
-            idx = np.nonzero(lab == c)[0]
-            mass = float(jnp.sum(tgt.mixture.weights[np.asarray(tgt.classes[int(c)])]))
-            sub = tgt.sub(int(c)).marginal(sched, t_min)
-            k = jax.random.fold_in(key, int(c))
-            out[idx] = np.asarray(sample_guided(k, sub, full, w, mass, len(idx)))
-        return jnp.asarray(out)
-    if guidance is None and corrector in (None,):
+        return None if w < 1 else _guided_truth(key, tgt, sched, t_min, w, labels, n)
+    if corrector == "fk_steering_corrector":
+        # exp(λ log p(c | x)) p(x) = p_c^λ p^(1−λ) up to a constant: the CFG target at w = λ.
+        reward = (cfg.corrector.get("reward") or {}).get("kind", "auto")
+        lam = float(cfg.corrector.lam)
+        if guidance is None and reward in ("auto", "classifier") and lam >= 1:
+            return _guided_truth(key, tgt, sched, t_min, lam, labels, n)
+        return None
+    if guidance is None and corrector is None:
         if labels is None:
             return tgt.sub(null).marginal(sched, t_min).sample(key, n)
-        return bundle.reference(key, n, np.asarray(labels))[0]
+        return bundle.reference(key, n, labels)[0]
     return None
 
 
@@ -225,12 +238,7 @@ def run_sample(cfg: DictConfig, ctx: Any) -> None:
 
 
 def _bits_per_weight(quant, params) -> float:
-    fn = getattr(quant, "tree_bits_per_weight", None)
-    if fn is not None:
-        return float(fn(params))
-    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
-    count = sum(int(np.prod(getattr(leaf, "shape", ()))) for leaf in leaves)
-    return 8.0 * quant.tree_nbytes(params) / max(count, 1)
+    return float(quant.tree_bits_per_weight(params))
 
 
 def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
@@ -254,9 +262,14 @@ def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
             ctx.metric("mode_weight_error", jnp.max(jnp.abs(mw - mw_true)))
             if bound is not None:
                 ctx.claim(f"energy distance to the exact target < {bound:g}", ed, bound)
-        else:
-            ref = bundle.reference(key, int(settings.num_reference))[0]
-            ctx.metric("energy_distance_to_model_data", energy_distance(x, ref, weights))
+        else:  # e.g. APG: no closed form; the distance to the class-conditional data
+            m = int(settings.num_reference)
+            lab = None if labels is None else np.resize(np.asarray(labels), m)
+            ref = bundle.reference(key, m, lab)[0]
+            ctx.metric("energy_distance_to_conditional", energy_distance(x, ref, weights))
+        if labels is not None:
+            logits = bundle.classifier_logits(x, jnp.zeros(x.shape[:1], x.dtype))
+            _class_accuracy(ctx, settings, model, jnp.argmax(logits, -1), labels, weights)
     elif bundle.judge is not None:
         from feynkit.experiments.metrics import frechet_distance
 
@@ -272,7 +285,7 @@ def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
         fd = ctx.metric("fd_digits", frechet_distance(f_x, f_ref))
         ctx.claim(f"fd_digits < {settings.max_fd_digits:g}", fd, float(settings.max_fd_digits))
         if labels is not None:
-            ctx.metric("class_accuracy", jnp.mean(jnp.argmax(logits, -1) == labels))
+            _class_accuracy(ctx, settings, model, jnp.argmax(logits, -1), labels, None)
     elif bundle.reference is not None:
         m = int(settings.num_reference)
         ref, _ = (
@@ -293,6 +306,14 @@ def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
         if build.target_name(cfg.corrector) == "fk_steering_corrector":
             r = reward_fn(cfg, bundle, labels)(x)
             ctx.metric("reward_weighted_mean", jnp.sum(weights * r))
+
+
+def _class_accuracy(ctx, settings, model, predicted, labels, weights) -> None:
+    hit = (predicted == labels).astype(jnp.float32)
+    acc = ctx.metric("class_accuracy", jnp.mean(hit) if weights is None else jnp.sum(weights * hit))
+    bound = bound_for(settings, "min_class_accuracy", model)
+    if bound is not None:
+        ctx.claim(f"class accuracy of conditioned samples > {bound:g}", acc, bound, ">")
 
 
 def _figure(ctx, bundle, x, weights, labels) -> None:

@@ -147,10 +147,16 @@ def _is_interpolation(v: Any) -> bool:
     return isinstance(v, str) and "${" in v
 
 
+_REGISTERED: list[bool] = []
+
+
 def register_schemas() -> None:
-    """Store ``schema/<group>/<option>`` for every option of every group (idempotent)."""
+    """Store ``schema/<group>/<option>`` for every option of every group (once per process)."""
     from hydra.core.config_store import ConfigStore
 
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
     cs = ConfigStore.instance()
     for group in GROUPS:
         for option in option_names(group):

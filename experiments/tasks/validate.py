@@ -15,7 +15,12 @@ from feynkit.experiments.tasks.schemas import (
     import_target,
 )
 
-__all__ = ["DETERMINISTIC_SOLVERS", "STOCHASTIC_SOLVERS", "validate_combination"]
+__all__ = [
+    "DETERMINISTIC_SOLVERS",
+    "STOCHASTIC_SOLVERS",
+    "option_name",
+    "validate_combination",
+]
 
 STOCHASTIC_SOLVERS = ("euler_maruyama", "ddpm")
 DETERMINISTIC_SOLVERS = (
@@ -47,7 +52,7 @@ def _name(node) -> str | None:
     return None if t is None else str(t).rpartition(".")[2]
 
 
-def _choice(cfg: DictConfig, group: str) -> str:
+def option_name(cfg: DictConfig, group: str) -> str:
     """The option name as the user wrote it (from Hydra's choices when available)."""
     choices = OmegaConf.select(cfg, "hydra.runtime.choices")
     if choices is None:
@@ -57,7 +62,19 @@ def _choice(cfg: DictConfig, group: str) -> str:
             choices = HydraConfig.get().runtime.choices
         except ValueError:  # composed without Hydra's runtime: name the factory
             choices = {}
-    return choices.get(group) or _name(cfg.get(group)) or "none"
+    return choices.get(group) or _option_of(group, cfg.get(group))
+
+
+def _option_of(group: str, node) -> str:
+    """The option of `group` whose YAML has this node's ``_target_`` (first match)."""
+    from feynkit.experiments.tasks.schemas import config_dir, option_names
+
+    target = None if node is None else node.get("_target_")
+    for option in option_names(group):
+        yaml = OmegaConf.load(config_dir() / group / f"{option}.yaml")
+        if yaml.get("_target_") == target:
+            return option
+    return _name(node) or "none"
 
 
 def _check_keys(cfg: DictConfig, group: str) -> None:
@@ -68,7 +85,7 @@ def _check_keys(cfg: DictConfig, group: str) -> None:
         extra = [k for k in node or {} if not str(k).startswith("_")]
         if extra:
             raise ValueError(
-                f"{group}={_choice(cfg, group)} takes no values, got {extra}; remove them."
+                f"{group}={option_name(cfg, group)} takes no values, got {extra}; remove them."
             )
         return
     fn = import_target(target)
@@ -79,7 +96,7 @@ def _check_keys(cfg: DictConfig, group: str) -> None:
     unknown = [k for k in node if not str(k).startswith("_") and k not in valid]
     if unknown:
         raise ValueError(
-            f"{group}={_choice(cfg, group)}: unknown key(s) {unknown}; valid keys: {valid}."
+            f"{group}={option_name(cfg, group)}: unknown key(s) {unknown}; valid keys: {valid}."
         )
 
 
@@ -99,9 +116,10 @@ def validate_combination(cfg: DictConfig) -> None:
         if cfg.get(g) is None:
             raise ValueError(f"task={task} needs a {g} option; add {g}=<option>.")
         _check_keys(cfg, g)
+    opt = {g: option_name(cfg, g) for g in groups}
     builder = import_target(cfg.model._target_)
     kind = getattr(builder, "kind", None)
-    model = _choice(cfg, "model")
+    model = opt["model"]
     if task == "sample" and kind != "diffusion":
         raise ValueError(
             f"task=sample samples diffusion models; model={model} is a {kind} model "
@@ -118,7 +136,7 @@ def validate_combination(cfg: DictConfig) -> None:
         )
     if "quant" in groups and _name(cfg.quant) is not None and getattr(builder, "analytic", False):
         raise ValueError(
-            f"quant={_choice(cfg, 'quant')} acts on parameters, and model={model} is an "
+            f"quant={opt['quant']} acts on parameters, and model={model} is an "
             "analytic target with none: use quant=none or a learned model (toy_mlp, digits_unet)."
         )
     if task == "compress" and _name(cfg.quant) is None:
@@ -133,13 +151,13 @@ def validate_combination(cfg: DictConfig) -> None:
     )
     if corrector is not None and corrector.startswith("fkc") and not stochastic:
         raise ValueError(
-            f"corrector={_choice(cfg, 'corrector')} needs a stochastic solver: its weights for "
-            f"solver={_choice(cfg, 'solver')} (deterministic) would need the score's divergence. "
+            f"corrector={opt['corrector']} needs a stochastic solver: its weights for "
+            f"solver={opt['solver']} (deterministic) would need the score's divergence. "
             f"Use solver=euler_maruyama, solver=ddpm or solver=ddim solver.eta=1."
         )
     if corrector == "fk_steering_corrector" and not stochastic:
         raise ValueError(
-            f"corrector=fk_steering with solver={_choice(cfg, 'solver')} (deterministic): "
+            f"corrector=fk_steering with solver={opt['solver']} (deterministic): "
             "resampled copies never separate. Use a stochastic solver (ddpm, euler_maruyama)."
         )
     if corrector == "fkc_product_corrector":
@@ -151,17 +169,17 @@ def validate_combination(cfg: DictConfig) -> None:
         if guidance is not None:
             raise ValueError(
                 "corrector=fkc_product samples the product of the model's experts; it supplies "
-                f"its own drift, so use guidance=none (got guidance={_choice(cfg, 'guidance')})."
+                f"its own drift, so use guidance=none (got guidance={opt['guidance']})."
             )
     if corrector == "fkc_anneal_corrector" and guidance is not None:
         raise ValueError(
             "corrector=fkc_anneal supplies its own drift (score x beta); use guidance=none "
-            f"(got guidance={_choice(cfg, 'guidance')})."
+            f"(got guidance={opt['guidance']})."
         )
     if corrector == "fkc_cfg_corrector":
         if guidance not in (None, "cfg"):
             raise ValueError(
-                f"corrector=fkc_cfg reweights CFG; guidance={_choice(cfg, 'guidance')} has other "
+                f"corrector=fkc_cfg reweights CFG; guidance={opt['guidance']} has other "
                 "dynamics. Use guidance=cfg (same scale) or guidance=none."
             )
         if guidance == "cfg" and float(cfg.corrector.scale) != float(cfg.guidance.scale):
