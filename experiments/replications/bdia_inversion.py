@@ -16,37 +16,44 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core.schedules import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import gaussian_mixture_2d, load_digits_split
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.inference.diffusion import ddim, sample, time_grid
 from feynkit.inference.diffusion.bdia import bdia_invert, bdia_sample
 from feynkit.inference.diffusion.guidance import guided_ddim_inversion
 
 
 @dataclasses.dataclass
-class BDIAInversionConfig:
-    name: str = "bdia_inversion"
-    num_steps: int = 50
-    t_min: float = 1e-3
-    gamma: float = 1.0
-    unstable_gamma: float = 0.5  # reported: inverse recursion amplifies round-off ~ γ^(−N/2)
-    num_toy_points: int = 512
-    digits: bool = True
-    num_digits: int = 64
-    max_bdia_error: float = 1e-3  # claim: BDIA reconstruction max error (float32)
-    ddim_factor: float = 100.0  # claim: DDIM reconstruction error > factor × BDIA's
+class BDIAInversionConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/bdia_inversion.yaml` (the values live there)."""
 
+    num_steps: int = MISSING
+    t_min: float = MISSING
+    gamma: float = MISSING
+    unstable_gamma: float = MISSING  # reported: inverse recursion amplifies round-off ~ γ^(−N/2)
+    num_toy_points: int = MISSING
+    digits: bool = MISSING
+    num_digits: int = MISSING
+    max_bdia_error: float = MISSING  # claim: BDIA reconstruction max error (float32)
+    ddim_factor: float = MISSING  # claim: DDIM reconstruction error > factor × BDIA's
 
-SMOKE = dict(num_steps=20, num_toy_points=64, digits=False)
+    def __post_init__(self):
+        harness.require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}.")
+        harness.require(
+            self.unstable_gamma > 0, "unstable_gamma", f"must be > 0, got {self.unstable_gamma}."
+        )
+        harness.require(self.num_steps >= 2, "num_steps", "must be >= 2.")
+        harness.require(0 < self.t_min < 1, "t_min", f"must lie in (0, 1), got {self.t_min}.")
+        harness.require(self.num_toy_points >= 1, "num_toy_points", "must be >= 1.")
+        harness.require(self.num_digits >= 1, "num_digits", "must be >= 1.")
 
 
 def _errors(a, b) -> tuple[float, float]:
@@ -104,19 +111,16 @@ def _evaluate(res, prefix, eps, schedule, x0, labels, key, ex) -> dict:
     return {k: np.asarray(v) for k, v in out.items()}
 
 
-@register("bdia_inversion", BDIAInversionConfig)
-def run(cfg, out_dir: Path) -> Results:
+@harness.replication("bdia_inversion", BDIAInversionConfig)
+def run(ex: BDIAInversionConfig, ctx: harness.Context) -> None:
     from feynkit.experiments.zoo import trained_toy_model
 
-    ex = tr.experiment_config(cfg, BDIAInversionConfig, SMOKE)
-    if not (ex.gamma > 0 and ex.unstable_gamma > 0):
-        raise ValueError("experiment.gamma and experiment.unstable_gamma must be > 0.")
     tr.quiet_checkpoint_logging()
-    res = Results("bdia_inversion", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    res = ctx
+    key = ctx.key
     schedule = LinearSchedule()
 
-    model, cached = trained_toy_model(seed=cfg.seed, smoke=cfg.smoke)
+    model, cached = trained_toy_model(seed=ctx.seed, smoke=ctx.smoke)
     toy_eps = lambda x, t, label, p=cached.params: model.forward(p, x, t, label)
     x0, labels = gaussian_mixture_2d(jax.random.fold_in(key, 0), ex.num_toy_points)
     toy = _evaluate(res, "toy", toy_eps, schedule, x0, labels, jax.random.fold_in(key, 1), ex)
@@ -126,7 +130,7 @@ def run(cfg, out_dir: Path) -> Results:
         from feynkit.experiments.zoo import trained_digits_models
 
         split = load_digits_split()
-        (unet, _), cached_d = trained_digits_models(seed=cfg.seed, split=split, smoke=cfg.smoke)
+        (unet, _), cached_d = trained_digits_models(seed=ctx.seed, split=split, smoke=ctx.smoke)
         params = cached_d["unet"].params
         digits_eps = lambda x, t, label, p=params: unet.forward(p, x, t, label)
         n = min(ex.num_digits, len(split.x_test))
@@ -136,19 +140,13 @@ def run(cfg, out_dir: Path) -> Results:
             res, "digits", digits_eps, schedule, xd, yd, jax.random.fold_in(key, 2), ex
         )
         plot_data["digits"] = (np.asarray(xd), digits)
-    res.figures.append(_plot(plot_data, out_dir))
-    return res
-
-
-def _plot(plot_data, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x0, out = plot_data["toy"]
     ncols = 3 if "digits" in plot_data else 2
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 4))
+    with ctx.figure("bdia_inversion.png", 1, ncols, figsize=(4.2 * ncols, 4)) as (fig, axes):
+        _draw(plot_data, axes[0])
+
+
+def _draw(plot_data, axes) -> None:
+    x0, out = plot_data["toy"]
     for ax, (name, title) in zip(
         axes[:2], (("bdia.recon", "BDIA"), ("ddim.recon", "DDIM")), strict=True
     ):
@@ -165,9 +163,3 @@ def _plot(plot_data, out_dir: Path) -> str:
         axes[2].imshow(np.clip(grid, -1, 1), cmap="gray")
         axes[2].set_title("digits: data / BDIA / DDIM round trip", fontsize=9)
         axes[2].set_axis_off()
-    fig.tight_layout()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / "bdia_inversion.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name

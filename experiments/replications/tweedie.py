@@ -21,18 +21,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from omegaconf import MISSING
 
 from feynkit.core.schedules import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import load_digits_split
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.inference.diffusion.noise2score import noise2score_gaussian, noise2score_poisson
 from feynkit.inference.diffusion.tweedie import (
     tweedie_covariance,
@@ -45,44 +44,48 @@ CACHE_VERSION = 1
 
 
 @dataclasses.dataclass
-class TweedieConfig:
-    name: str = "tweedie"
-    cache_dir: str | None = None
-    dims: list[int] = dataclasses.field(default_factory=lambda: [2, 8])
-    times: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.2, 0.5, 0.8])
-    num_points: int = 64
-    hutchinson_time: float = 0.2
-    hutchinson_probes: int = 4  # base K; groups of 1, 4, ..., 256 estimates give K up to 1024
-    hutchinson_repeats: int = 256
-    num_kl_points: int = 16
-    num_kl_samples: int = 4096
-    max_rel_error: float = 1e-3  # claim: float32 Tweedie moments vs closed form
+class TweedieConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/tweedie.yaml` (the values live there)."""
+
+    cache_dir: str | None = MISSING
+    dims: list[int] = MISSING
+    times: list[float] = MISSING
+    num_points: int = MISSING
+    hutchinson_time: float = MISSING
+    hutchinson_probes: int = MISSING  # base K; groups of 1, 4, 16, ... estimates
+    hutchinson_repeats: int = MISSING
+    num_kl_points: int = MISSING
+    num_kl_samples: int = MISSING
+    max_rel_error: float = MISSING  # claim: float32 Tweedie moments vs closed form
     # Noise2Score
-    noise2score: bool = True
-    gaussian_sigma: float = 0.4  # on the [-1, 1] pixel scale
-    poisson_zeta: float = 0.1  # gain: 10 photons at full intensity
-    tau_min_factor: float = 0.125  # τ_min = factor · σ (Gaussian) or 0.5 · ζ (Poisson)
-    tau_max: float = 1.0
-    # small and briefly trained: with 1437 noisy images, hidden=256/3 layers/2000 steps overfits
-    # the noisy training set and denoises worse than the noisy input (MSE 0.67 vs 0.16 Gaussian)
-    hidden: int = 64
-    num_layers: int = 2
-    steps: int = 400
-    batch_size: int = 256
-    learning_rate: float = 2e-3
+    noise2score: bool = MISSING
+    gaussian_sigma: float = MISSING  # on the [-1, 1] pixel scale
+    poisson_zeta: float = MISSING  # gain
+    tau_min_factor: float = MISSING  # τ_min = factor · σ (Gaussian) or 0.5 · ζ (Poisson)
+    tau_max: float = MISSING
+    hidden: int = MISSING
+    num_layers: int = MISSING
+    steps: int = MISSING
+    batch_size: int = MISSING
+    learning_rate: float = MISSING
 
-
-SMOKE = dict(
-    dims=[2],
-    times=[0.2, 0.5],
-    num_points=8,
-    hutchinson_repeats=16,
-    num_kl_points=4,
-    num_kl_samples=512,
-    hidden=32,
-    num_layers=1,
-    steps=100,
-)
+    def __post_init__(self):
+        for t in self.times:
+            harness.require(0 < t < 1, "times", f"must lie in (0, 1), got {t}.")
+        harness.require(
+            0 < self.hutchinson_time < 1,
+            "hutchinson_time",
+            f"must lie in (0, 1), got {self.hutchinson_time}.",
+        )
+        harness.require(
+            self.hutchinson_repeats >= 4,
+            "hutchinson_repeats",
+            "must be >= 4 (the error-vs-probes slope needs two group sizes).",
+        )
+        for key in ("num_points", "hutchinson_probes", "num_kl_points", "num_kl_samples"):
+            harness.require(getattr(self, key) >= 1, key, "must be >= 1.")
+        for key in ("gaussian_sigma", "poisson_zeta", "tau_min_factor", "tau_max"):
+            harness.require(getattr(self, key) > 0, key, "must be > 0.")
 
 
 def make_mixture(dim: int, seed: int = 0) -> GaussianMixture:
@@ -148,7 +151,7 @@ def kl_from_posterior(rng, r, means, covs, q_mean, q_cov, num_samples):
     ]
 
 
-def _gmm_part(ex: TweedieConfig, res: Results, key) -> dict:
+def _gmm_part(ex: TweedieConfig, res: harness.Context, key) -> dict:
     schedule = LinearSchedule()
     rng = np.random.default_rng(int(jax.random.randint(key, (), 0, 2**31 - 1)))
     curves = {}
@@ -266,7 +269,7 @@ def _gaussian_fit_score(y_train: np.ndarray):
     return lambda y: -(y - mu[None]) @ prec
 
 
-def _noise2score_part(ex: TweedieConfig, res: Results, seed: int, key) -> dict:
+def _noise2score_part(ex: TweedieConfig, res: harness.Context, seed: int, key) -> dict:
     split = load_digits_split()
     x_train = split.x_train.reshape(len(split.x_train), -1).astype(np.float64)
     x_test = split.x_test.reshape(len(split.x_test), -1).astype(np.float64)
@@ -346,33 +349,27 @@ def _noise2score_part(ex: TweedieConfig, res: Results, seed: int, key) -> dict:
     return examples
 
 
-@register("tweedie", TweedieConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, TweedieConfig, SMOKE)
+@harness.replication("tweedie", TweedieConfig)
+def run(ex: TweedieConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("tweedie", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    key = ctx.key
     t0 = time.perf_counter()
-    curves = _gmm_part(ex, res, jax.random.fold_in(key, 0))
-    res.metric("gmm_seconds", time.perf_counter() - t0)
+    curves = _gmm_part(ex, ctx, jax.random.fold_in(key, 0))
+    ctx.metric("gmm_seconds", time.perf_counter() - t0)
     examples = {}
     if ex.noise2score:
         t0 = time.perf_counter()
-        examples = _noise2score_part(ex, res, cfg.seed, jax.random.fold_in(key, 1))
-        res.metric("noise2score_seconds", time.perf_counter() - t0)
-    res.figures.append(_plot(curves, examples, out_dir))
-    return res
-
-
-def _plot(curves, examples, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        examples = _noise2score_part(ex, ctx, ctx.seed, jax.random.fold_in(key, 1))
+        ctx.metric("noise2score_seconds", time.perf_counter() - t0)
     rows = 1 + 3 * len(examples)
-    fig = plt.figure(figsize=(9, 2.2 * rows))
-    ax = fig.add_subplot(rows, 1, 1)
+    with ctx.figure("tweedie.png", rows, 6, figsize=(9, 2.2 * rows)) as (fig, axes):
+        _draw(curves, examples, fig, axes)
+
+
+def _draw(curves, examples, fig, axes) -> None:
+    for a in axes[0]:
+        a.remove()
+    ax = fig.add_subplot(axes[0, 0].get_gridspec()[0, :])
     for dim, (ks, errs) in curves.items():
         ax.loglog(ks, errs, "o-", label=f"{dim}-d")
     ks = np.array(next(iter(curves.values()))[0], float)
@@ -380,17 +377,12 @@ def _plot(curves, examples, out_dir: Path) -> str:
     ax.set_xlabel("probes K")
     ax.set_ylabel("rel. RMS error of diag Cov")
     ax.legend(fontsize=8)
+    for a in axes[1:].ravel():
+        a.set_axis_off()
     for i, (name, imgs) in enumerate(examples.items()):
         for j, title in enumerate(("clean", "noisy", "Noise2Score")):
             for c in range(imgs[j].shape[0]):
-                a = fig.add_subplot(rows, 6, 6 * (1 + 3 * i + j) + c + 1)
+                a = axes[1 + 3 * i + j, c]
                 a.imshow(imgs[j][c].reshape(8, 8), cmap="gray")
-                a.set_axis_off()
                 if c == 0:
                     a.set_title(f"{name}: {title}", fontsize=8, loc="left")
-    fig.tight_layout()
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    path = Path(out_dir) / "tweedie.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
