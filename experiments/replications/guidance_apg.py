@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers, load_digits_split
 from feynkit.experiments.metrics import energy_distance
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
 from feynkit.experiments.zoo import digits_judge, trained_digits_models, trained_toy_model
 from feynkit.inference.diffusion.guidance import apg, cfg
@@ -45,33 +44,35 @@ NUM_MODES, RADIUS, SCALE = 8, 4.0, 0.5
 
 
 @dataclasses.dataclass
-class GuidanceAPGConfig:
-    name: str = "guidance_apg"
-    scale: float = 10.0  # the high guidance scale of the claims
-    eta: float = 0.0
-    momentum: float = -0.5
-    norm_threshold: float = 2.0  # r, in units of |x̂₀_c − x̂₀_u| (toy data radius 4)
-    sweep_scales: list[float] = dataclasses.field(default_factory=lambda: [5.0, 15.0])
-    sweep_momenta: list[float] = dataclasses.field(default_factory=lambda: [0.0, -0.75])
-    num_samples: int = 2000
-    num_steps: int = 50
-    t_min: float = 1e-3
-    drift_ratio: float = 0.25  # claim: APG's drift from the unguided level < ratio · CFG's
+class GuidanceAPGConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/guidance_apg.yaml` (the values live there)."""
+
+    scale: float = MISSING  # the high guidance scale of the claims
+    eta: float = MISSING
+    momentum: float = MISSING
+    norm_threshold: float = MISSING  # r, in units of |x̂₀_c − x̂₀_u| (toy data radius 4)
+    sweep_scales: list[float] = MISSING
+    sweep_momenta: list[float] = MISSING
+    num_samples: int = MISSING
+    num_steps: int = MISSING
+    t_min: float = MISSING
+    drift_ratio: float = MISSING  # claim: APG's drift from the unguided level < ratio · CFG's
     # digits
-    digits: bool = True
-    digits_scale: float = 5.0
-    digits_norm_threshold: float = 4.0  # ‖Δ‖ over 64 pixels
-    digits_per_class: int = 30
+    digits: bool = MISSING
+    digits_scale: float = MISSING
+    digits_norm_threshold: float = MISSING  # ‖Δ‖ over 64 pixels
+    digits_per_class: int = MISSING
 
-
-SMOKE = dict(
-    num_samples=128,
-    num_steps=10,
-    sweep_scales=[5.0],
-    sweep_momenta=[0.0],
-    digits_per_class=4,
-    drift_ratio=10.0,
-)
+    def __post_init__(self):
+        harness.require(self.scale > 1.0, "scale", f"must be > 1 (a guided run), got {self.scale}.")
+        harness.require(
+            self.norm_threshold > 0, "norm_threshold", f"must be > 0, got {self.norm_threshold}."
+        )
+        harness.require(
+            self.digits_norm_threshold > 0,
+            "digits_norm_threshold",
+            f"must be > 0, got {self.digits_norm_threshold}.",
+        )
 
 
 def _toy_metrics(x, labels, gt) -> dict[str, float]:
@@ -118,10 +119,10 @@ def _sampler(model_fn, schedule, ts, null_label):
     return run
 
 
-def _toy(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
+def _toy(ex: GuidanceAPGConfig, key, ctx: harness.Context, seed: int, smoke: bool):
     schedule = LinearSchedule()
     model, cached = trained_toy_model(seed=seed, smoke=smoke)
-    res.metric("toy.cache_hit", float(cached.hit))
+    ctx.metric("toy.cache_hit", float(cached.hit))
     params = cached.params
     n = ex.num_samples
     k_lab, k_gt, k_x = jax.random.split(key, 3)
@@ -135,7 +136,7 @@ def _toy(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
         x = run(key, labels, x_init, scale, ex.eta, momentum, ex.norm_threshold, method)
         m = _toy_metrics(x, labels, gt)
         for k, v in m.items():
-            res.metric(f"toy.{name}.{k}", v)
+            ctx.metric(f"toy.{name}.{k}", v)
         return m, np.asarray(x)
 
     out = {"unguided": go("unguided", "cfg", 1.0)}
@@ -151,12 +152,12 @@ def _toy(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
     for k, what in (("mean_shift", "per-class mean shift"), ("norm_ratio", "norm ratio")):
         drift_apg = abs(out["apg"][0][k] - base[k])
         drift_cfg = abs(out["cfg"][0][k] - base[k])
-        res.claim(
+        ctx.claim(
             f"toy w={ex.scale:g}: APG's {what} drift from unguided < {ex.drift_ratio:g} · CFG's",
             drift_apg,
             ex.drift_ratio * drift_cfg,
         )
-    res.claim(
+    ctx.claim(
         f"toy w={ex.scale:g}: APG energy distance to p(x|c) <= CFG's",
         out["apg"][0]["energy_distance"],
         out["cfg"][0]["energy_distance"],
@@ -165,11 +166,11 @@ def _toy(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
     return {k: v[1] for k, v in out.items()}, np.asarray(labels)
 
 
-def _digits(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
+def _digits(ex: GuidanceAPGConfig, key, ctx: harness.Context, seed: int, smoke: bool):
     schedule = LinearSchedule()
     split = load_digits_split()
     (unet, classifier), cached = trained_digits_models(seed=seed, split=split, smoke=smoke)
-    res.metric("digits.cache_hit", float(all(c.hit for c in cached.values())))
+    ctx.metric("digits.cache_hit", float(all(c.hit for c in cached.values())))
     params = cached["unet"].params
     judge = digits_judge(classifier, cached["classifier"].params)
     labels = jnp.repeat(jnp.arange(NUM_CLASSES), ex.digits_per_class)
@@ -177,7 +178,7 @@ def _digits(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
     ts = time_grid(ex.num_steps, 1.0, ex.t_min, "uniform", schedule)
     run = _sampler(lambda x, t, label: unet.forward(params, x, t, label), schedule, ts, NUM_CLASSES)
     test_mean = float(np.mean(split.x_test))
-    res.metric("digits.test.saturated_fraction", np.mean(np.abs(split.x_test) >= 1.0))
+    ctx.metric("digits.test.saturated_fraction", np.mean(np.abs(split.x_test) >= 1.0))
     out = {}
     for name, method, w in (
         ("unguided", "cfg", 1.0),
@@ -193,14 +194,14 @@ def _digits(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
             "class_accuracy": float(jnp.mean(jnp.argmax(logits, -1) == labels)),
         }
         for k, v in m.items():
-            res.metric(f"digits.{name}.{k}", v)
+            ctx.metric(f"digits.{name}.{k}", v)
         out[name] = m
-    res.claim(
+    ctx.claim(
         f"digits w={ex.digits_scale:g}: APG saturated-pixel fraction < CFG's",
         out["apg"]["saturated_fraction"],
         out["cfg"]["saturated_fraction"],
     )
-    res.claim(
+    ctx.claim(
         f"digits w={ex.digits_scale:g}: APG class accuracy >= CFG's - 0.02",
         out["apg"]["class_accuracy"],
         out["cfg"]["class_accuracy"] - 0.02,
@@ -208,30 +209,20 @@ def _digits(ex: GuidanceAPGConfig, key, res: Results, seed: int, smoke: bool):
     )
 
 
-@register("guidance_apg", GuidanceAPGConfig)
-def run(cfg_, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg_, GuidanceAPGConfig, SMOKE)
-    if ex.scale <= 1.0:
-        raise ValueError(f"experiment.scale must be > 1 (a guided run), got {ex.scale}.")
-    if ex.norm_threshold <= 0 or ex.digits_norm_threshold <= 0:
-        raise ValueError("experiment.norm_threshold and digits_norm_threshold must be > 0.")
+@harness.replication("guidance_apg", GuidanceAPGConfig)
+def run(ex: GuidanceAPGConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("guidance_apg", cfg_.seed)
-    key = jax.random.key(cfg_.seed)
-    samples, labels = _toy(ex, jax.random.fold_in(key, 0), res, cfg_.seed, cfg_.smoke)
+    key = ctx.key
+    samples, labels = _toy(ex, jax.random.fold_in(key, 0), ctx, ctx.seed, ctx.smoke)
     if ex.digits:
-        _digits(ex, jax.random.fold_in(key, 1), res, cfg_.seed, cfg_.smoke)
-    res.figures.append(_plot(samples, labels, ex, out_dir))
-    return res
+        _digits(ex, jax.random.fold_in(key, 1), ctx, ctx.seed, ctx.smoke)
+    with ctx.figure("guidance_apg.png", 1, len(samples)) as (fig, axes):
+        _draw(axes[0], samples, labels, ex)
 
 
-def _plot(samples, labels, ex: GuidanceAPGConfig, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
+def _draw(axes, samples, labels, ex: GuidanceAPGConfig) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(samples), figsize=(3.6 * len(samples), 3.6))
     for ax, (name, x) in zip(axes, samples.items(), strict=True):
         ax.scatter(x[:, 0], x[:, 1], s=2, c=labels, cmap="tab10")
         ax.add_patch(plt.Circle((0, 0), RADIUS, fill=False, ls="--", lw=0.8))
@@ -239,8 +230,3 @@ def _plot(samples, labels, ex: GuidanceAPGConfig, out_dir: Path) -> str:
         ax.set_xlim(-7, 7)
         ax.set_ylim(-7, 7)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    path = Path(out_dir) / "guidance_apg.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name

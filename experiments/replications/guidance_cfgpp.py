@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers
 from feynkit.experiments.metrics import energy_distance
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import trained_toy_model
 from feynkit.inference.diffusion.guidance import (
     cfg,
@@ -51,17 +50,26 @@ NUM_MODES, RADIUS, SCALE = 8, 4.0, 0.5
 
 
 @dataclasses.dataclass
-class GuidanceCFGppConfig:
-    name: str = "guidance_cfgpp"
-    lambdas: list[float] = dataclasses.field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    num_samples: int = 1000
-    num_steps: int = 50
-    t_min: float = 1e-3
-    nominal_slope: float = 11.5  # the paper's pairing ω = 1 + slope · λ (λ=1 ~ ω=12.5)
-    offmanifold_ratio: float = 1.0  # claim: CFG++ x̂₀ off-manifold error < ratio · CFG's
+class GuidanceCFGppConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/guidance_cfgpp.yaml` (the values live there)."""
 
+    lambdas: list[float] = MISSING
+    num_samples: int = MISSING
+    num_steps: int = MISSING
+    t_min: float = MISSING
+    nominal_slope: float = MISSING  # the paper's pairing ω = 1 + slope · λ (λ=1 ~ ω=12.5)
+    offmanifold_ratio: float = MISSING  # claim: CFG++ x̂₀ off-manifold error < ratio · CFG's
 
-SMOKE = dict(lambdas=[0.6], num_samples=128, num_steps=10)
+    def __post_init__(self):
+        harness.require(
+            bool(self.lambdas) and all(0.0 < v <= 1.0 for v in self.lambdas),
+            "lambdas",
+            f"must be non-empty and in (0, 1], got {list(self.lambdas)}.",
+        )
+        harness.require(
+            self.nominal_slope > 0, "nominal_slope", f"must be > 0, got {self.nominal_slope}."
+        )
+        harness.require(self.num_steps >= 2, "num_steps", f"must be ≥ 2, got {self.num_steps}.")
 
 
 def toy_metrics(x, labels, gt) -> dict[str, float]:
@@ -105,21 +113,13 @@ def _runner(model_fn, schedule, ts, labels, null):
     return run
 
 
-@register("guidance_cfgpp", GuidanceCFGppConfig)
-def run(cfg_, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg_, GuidanceCFGppConfig, SMOKE)
-    if not ex.lambdas or any(not 0.0 < v <= 1.0 for v in ex.lambdas):
-        raise ValueError(f"experiment.lambdas must be non-empty and in (0, 1], got {ex.lambdas}.")
-    if ex.nominal_slope <= 0:
-        raise ValueError(f"experiment.nominal_slope must be > 0, got {ex.nominal_slope}.")
-    if ex.num_steps < 2:
-        raise ValueError(f"experiment.num_steps must be ≥ 2, got {ex.num_steps}.")
+@harness.replication("guidance_cfgpp", GuidanceCFGppConfig)
+def run(ex: GuidanceCFGppConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("guidance_cfgpp", cfg_.seed)
-    key = jax.random.key(cfg_.seed)
+    key = ctx.key
     schedule = LinearSchedule()
-    model, cached = trained_toy_model(seed=cfg_.seed, smoke=cfg_.smoke)
-    res.metric("cache_hit", float(cached.hit))
+    model, cached = trained_toy_model(seed=ctx.seed, smoke=ctx.smoke)
+    ctx.metric("cache_hit", float(cached.hit))
     params = cached.params
 
     def model_fn(x, t, label):
@@ -135,12 +135,12 @@ def run(cfg_, out_dir: Path) -> Results:
     ts = time_grid(ex.num_steps, 1.0, ex.t_min, "uniform", schedule)
     runner = _runner(model_fn, schedule, ts, labels, null)
     omega_per_lambda = float(jnp.mean(cfg_pp_equivalent_scale(schedule, ts[:-1], ts[1:], 1.0)))
-    res.metric("equivalent_omega_per_lambda", omega_per_lambda)
+    ctx.metric("equivalent_omega_per_lambda", omega_per_lambda)
 
     x, off, rmse = runner(k_run, 1.0, data, False)
     for k, v in toy_metrics(x, labels, gt).items():
-        res.metric(f"conditional.{k}", v)
-    res.metric("conditional.inversion_rmse", rmse)
+        ctx.metric(f"conditional.{k}", v)
+    ctx.metric("conditional.inversion_rmse", rmse)
     rows, shown = [], {}
     for lam in ex.lambdas:
         omega = lam * omega_per_lambda
@@ -155,14 +155,14 @@ def run(cfg_, out_dir: Path) -> Results:
             m = toy_metrics(x, labels, gt)
             m.update(x0_offmanifold=float(off), inversion_rmse=float(rmse), scale=float(scale))
             for k, v in m.items():
-                res.metric(f"lambda{lam:g}.{method}.{k}", v)
+                ctx.metric(f"lambda{lam:g}.{method}.{k}", v)
             row[method] = m
             if lam == ex.lambdas[len(ex.lambdas) // 2]:
                 shown[f"{method} (scale {scale:.2f})"] = np.asarray(x)
         rows.append(row)
 
     ratio = max(r["cfgpp"]["x0_offmanifold"] / r["cfg"]["x0_offmanifold"] for r in rows)
-    res.claim(
+    ctx.claim(
         f"x̂₀ off-manifold error: CFG++ < {ex.offmanifold_ratio:g} · CFG (worst λ)",
         ratio,
         ex.offmanifold_ratio,
@@ -173,18 +173,12 @@ def run(cfg_, out_dir: Path) -> Results:
     ):
         pp = float(np.mean([r["cfgpp"][key_] for r in rows]))
         base = float(np.mean([r["cfg"][key_] for r in rows]))
-        res.claim(f"{what}: CFG++ < CFG at equal strength (mean over λ)", pp, base)
-    res.figures.append(_plot(rows, ex, shown, np.asarray(labels), out_dir))
-    return res
+        ctx.claim(f"{what}: CFG++ < CFG at equal strength (mean over λ)", pp, base)
+    with ctx.figure("guidance_cfgpp.png", 1, 2 + len(shown)) as (fig, axes):
+        _draw(axes[0], rows, ex, shown, np.asarray(labels))
 
 
-def _plot(rows, ex, shown, labels, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2 + len(shown), figsize=(3.6 * (2 + len(shown)), 3.6))
+def _draw(axes, rows, ex, shown, labels) -> None:
     lam = ex.lambdas
     panels = (("x0_offmanifold", "x̂₀ distance to manifold"), ("inversion_rmse", "inversion RMSE"))
     for ax, (k, title) in zip(axes[:2], panels, strict=True):
@@ -199,8 +193,3 @@ def _plot(rows, ex, shown, labels, out_dir: Path) -> str:
         ax.set_xlim(-7, 7)
         ax.set_ylim(-7, 7)
         ax.set_aspect("equal")
-    fig.tight_layout()
-    path = Path(out_dir) / "guidance_cfgpp.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path.name
