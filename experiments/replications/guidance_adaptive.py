@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.metrics import frechet_distance
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
 from feynkit.experiments.zoo import digits_judge, trained_digits_models
 from feynkit.inference.diffusion import Guidance, ddim, sample, time_grid
@@ -50,31 +49,32 @@ IMAGE_SHAPE = (8, 8, 1)
 
 
 @dataclasses.dataclass
-class GuidanceAdaptiveConfig:
-    name: str = "guidance_adaptive"
-    guidance_weight: float = 3.0
-    num_steps: int = 50
-    samples_per_class: int = 20
-    threshold: float = 0.93  # γ̄ on the batch-mean cosine of x̂₀_c, x̂₀_u
-    linear_ag_start: int = 25  # LinearAG estimates ε̂_u from this step on
-    linear_ag_history: int = 1
-    calibration_per_class: int = 10
-    timing_repeats: int = 3
-    min_nfe_saving: float = 0.25  # claim: AG skips at least this fraction of CFG's evaluations
-    max_rms_to_cfg: float = 0.15  # claim: mean per-sample RMS pixel distance AG–CFG below this
-    max_wall_ratio: float = 0.85  # claim: AG wall time / CFG wall time below this
+class GuidanceAdaptiveConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/guidance_adaptive.yaml` (the values live there)."""
 
+    guidance_weight: float = MISSING
+    num_steps: int = MISSING
+    samples_per_class: int = MISSING
+    threshold: float = MISSING  # γ̄ on the batch-mean cosine of x̂₀_c, x̂₀_u
+    linear_ag_start: int = MISSING  # LinearAG estimates ε̂_u from this step on
+    linear_ag_history: int = MISSING
+    calibration_per_class: int = MISSING
+    timing_repeats: int = MISSING
+    min_nfe_saving: float = MISSING  # claim: AG skips at least this fraction of CFG's evaluations
+    max_rms_to_cfg: float = MISSING  # claim (YAML): mean per-sample RMS pixel distance AG–CFG
+    max_wall_ratio: float = MISSING  # claim (YAML): AG wall time / CFG wall time below this
 
-SMOKE = dict(
-    num_steps=10,
-    samples_per_class=2,
-    calibration_per_class=2,
-    linear_ag_start=5,
-    timing_repeats=1,
-    min_nfe_saving=-1.0,
-    max_rms_to_cfg=1e6,
-    max_wall_ratio=1e6,
-)
+    def __post_init__(self):
+        harness.require(
+            0 <= self.linear_ag_start <= self.num_steps,
+            "linear_ag_start",
+            f"must lie in 0..num_steps={self.num_steps}, got {self.linear_ag_start}.",
+        )
+        harness.require(
+            self.guidance_weight >= 0,
+            "guidance_weight",
+            f"must be ≥ 0, got {self.guidance_weight}.",
+        )
 
 
 def _cfg(scale: float) -> Guidance:
@@ -94,23 +94,15 @@ def _timed(fn, x, repeats: int):
     return out, best
 
 
-@register("guidance_adaptive", GuidanceAdaptiveConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, GuidanceAdaptiveConfig, SMOKE)
-    if not 0 <= ex.linear_ag_start <= ex.num_steps:
-        raise ValueError(
-            f"experiment.linear_ag_start must lie in 0..num_steps={ex.num_steps}, "
-            f"got {ex.linear_ag_start}."
-        )
-    if ex.guidance_weight < 0:
-        raise ValueError(f"experiment.guidance_weight must be ≥ 0, got {ex.guidance_weight}.")
+@harness.replication("guidance_adaptive", GuidanceAdaptiveConfig)
+def run(ex: GuidanceAdaptiveConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("guidance_adaptive", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    m = ctx.results.metrics
+    key = ctx.key
     schedule = LinearSchedule()
     split = load_digits_split()
-    (unet, classifier), cached = trained_digits_models(seed=cfg.seed, split=split)
-    res.metric("cache_hit", float(all(c.hit for c in cached.values())))
+    (unet, classifier), cached = trained_digits_models(seed=ctx.seed, split=split)
+    ctx.metric("cache_hit", float(all(c.hit for c in cached.values())))
     params = cached["unet"].params
     judge = digits_judge(classifier, cached["classifier"].params)
     solver = ddim(schedule)
@@ -137,7 +129,7 @@ def run(cfg, out_dir: Path) -> Results:
         lambda x: linear_ag_calibration(k_cal, solver, model_fn, x, ts, w, cond=c_cal, uncond=u_cal)
     )(x_cal)
     coefs = fit_linear_ag(eps_c, eps_u, history=ex.linear_ag_history)
-    res.metric("linear_ag.calibration_seconds", time.perf_counter() - t0)
+    ctx.metric("linear_ag.calibration_seconds", time.perf_counter() - t0)
     keep_cond = jnp.zeros_like(coefs).at[:, 0].set(1.0)  # ε̂_u := ε̂_c on the same steps
 
     methods = {
@@ -159,54 +151,38 @@ def run(cfg, out_dir: Path) -> Results:
         (x, info), secs = _timed(fn, x_init, ex.timing_repeats)
         samples[name] = np.clip(np.asarray(x), -1.0, 1.0)
         feats, logits = judge(jnp.asarray(samples[name]))
-        res.metric(f"{name}.nfe", int(info.nfe))
-        res.metric(f"{name}.seconds", secs)
-        res.metric(f"{name}.fd_digits", frechet_distance(feats, f_test))
-        res.metric(f"{name}.class_accuracy", np.mean(np.argmax(logits, -1) == labels))
+        ctx.metric(f"{name}.nfe", int(info.nfe))
+        ctx.metric(f"{name}.seconds", secs)
+        ctx.metric(f"{name}.fd_digits", frechet_distance(feats, f_test))
+        ctx.metric(f"{name}.class_accuracy", np.mean(np.argmax(logits, -1) == labels))
         samples[name + "_feats"] = feats
     x_ref = samples["cfg"]
     for name in methods:
         if name == "cfg":
             continue
         diff = (samples[name] - x_ref).reshape(n, -1)
-        res.metric(f"{name}.rms_to_cfg", np.mean(np.sqrt(np.mean(diff**2, axis=1))))
-        res.metric(
+        ctx.metric(f"{name}.rms_to_cfg", np.mean(np.sqrt(np.mean(diff**2, axis=1))))
+        ctx.metric(
             f"{name}.fd_to_cfg", frechet_distance(samples[name + "_feats"], samples["cfg_feats"])
         )
-        res.metric(f"{name}.nfe_saving", 1.0 - res.metrics[f"{name}.nfe"] / res.metrics["cfg.nfe"])
-        res.metric(
-            f"{name}.wall_ratio", res.metrics[f"{name}.seconds"] / res.metrics["cfg.seconds"]
-        )
+        ctx.metric(f"{name}.nfe_saving", 1.0 - m[f"{name}.nfe"] / m["cfg.nfe"])
+        ctx.metric(f"{name}.wall_ratio", m[f"{name}.seconds"] / m["cfg.seconds"])
 
-    m = res.metrics
-    res.claim(
+    # The other claims are stated in the YAML (`claims:`).
+    ctx.claim(
         f"AG skips ≥ {ex.min_nfe_saving:.0%} of CFG's evaluations",
         m["ag.nfe_saving"],
         ex.min_nfe_saving,
         ">=",
     )
-    res.claim("AG RMS distance to CFG < bound", m["ag.rms_to_cfg"], ex.max_rms_to_cfg)
-    res.claim(
-        "AG RMS distance to CFG < ½ unguided's", m["ag.rms_to_cfg"], 0.5 * m["unguided.rms_to_cfg"]
-    )
-    res.claim("AG wall time / CFG wall time < bound", m["ag.wall_ratio"], ex.max_wall_ratio)
-    res.claim(
-        "LinearAG closer to CFG than dropping guidance on the same steps",
-        m["linear_ag.rms_to_cfg"],
-        m["cond_only_late.rms_to_cfg"],
-    )
-    res.figures.append(_plot(samples, list(methods), ex, out_dir))
-    return res
+    names = list(methods)
+    size = (2.2 * len(names), 3.6)
+    with ctx.figure("guidance_adaptive.png", 1, len(names), figsize=size) as (fig, axes):
+        _draw(axes[0], samples, names, ex)
 
 
-def _plot(samples, names, ex: GuidanceAdaptiveConfig, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(axes, samples, names, ex: GuidanceAdaptiveConfig) -> None:
     cols = min(ex.samples_per_class, 6)
-    fig, axes = plt.subplots(1, len(names), figsize=(2.2 * len(names), 3.6))
     for ax, name in zip(axes, names, strict=True):
         grid = samples[name].reshape(NUM_CLASSES, ex.samples_per_class, 8, 8)[:, :cols]
         ax.imshow(
@@ -217,8 +193,3 @@ def _plot(samples, names, ex: GuidanceAdaptiveConfig, out_dir: Path) -> str:
         )
         ax.set_title(name, fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(out_dir) / "guidance_adaptive.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
