@@ -3,7 +3,7 @@
 `TASKS` maps ``cfg.task.name`` to ``task(cfg, ctx) -> None``, where ``ctx`` is the harness's run
 context (``key``, ``seed``, ``smoke``, ``out_dir``; ``metric``, ``claim``, ``figure``). Every task
 calls `validate_combination` first, so a combination that cannot work fails before any model is
-built or compiled. `register_configs` stores the structured-config schemas of every group option
+built or compiled. `register_schemas` stores the structured-config schemas of every group option
 (``schema/<group>/<option>``) and task (``schema/task/<name>``) in Hydra's ConfigStore; the entry
 point calls it before composing.
 """
@@ -14,7 +14,7 @@ from typing import Any
 from feynkit.experiments.tasks.compress import CompressTask, run_compress
 from feynkit.experiments.tasks.models import ModelBundle
 from feynkit.experiments.tasks.sample import SampleTask, run_sample
-from feynkit.experiments.tasks.schemas import register_schemas
+from feynkit.experiments.tasks.schemas import register_schemas as _register_group_schemas
 from feynkit.experiments.tasks.train import TrainTask, run_train
 from feynkit.experiments.tasks.validate import validate_combination
 
@@ -23,6 +23,7 @@ __all__ = [
     "TASK_SCHEMAS",
     "ModelBundle",
     "register_configs",
+    "register_schemas",
     "run_compress",
     "run_sample",
     "run_train",
@@ -41,11 +42,14 @@ TASK_SCHEMAS: dict[str, type] = {
 }
 
 
-def register_configs() -> None:
+def register_schemas() -> None:
     """Store the schemas of every group option and generic task in Hydra's ConfigStore."""
     from hydra.core.config_store import ConfigStore
 
-    register_schemas()
+    _register_group_schemas()
     cs = ConfigStore.instance()
     for name, schema in TASK_SCHEMAS.items():
         cs.store(group="schema/task", name=name, node=schema)
+
+
+register_configs = register_schemas

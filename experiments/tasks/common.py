@@ -1,12 +1,10 @@
-"""What the generic tasks share: task settings with smoke overrides, the figure helper."""
+"""What the generic tasks share: task settings with smoke overrides, per-model claim bounds."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["bound_for", "save_figure", "task_settings"]
+__all__ = ["bound_for", "task_settings"]
 
 
 def task_settings(cfg: DictConfig, smoke: bool) -> DictConfig:
@@ -25,22 +23,3 @@ def bound_for(settings: DictConfig, key: str, model: str) -> float | None:
     table = settings.get(key) or {}
     value = table.get(model)
     return None if value is None else float(value)
-
-
-def save_figure(ctx: Any, name: str, fig: Any) -> None:
-    """Hand a matplotlib figure to the harness (``ctx.figure``), which writes the PNG."""
-    import matplotlib.pyplot as plt
-
-    try:
-        ctx.figure(name, fig)
-    finally:
-        plt.close(fig)
-
-
-def new_figure(*args: Any, **kwargs: Any):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(*args, **kwargs)

@@ -19,7 +19,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from feynkit.experiments.tasks import build
-from feynkit.experiments.tasks.common import bound_for, new_figure, save_figure, task_settings
+from feynkit.experiments.tasks.common import bound_for, task_settings
 from feynkit.experiments.tasks.validate import option_name, validate_combination
 
 __all__ = ["CompressTask", "layer_errors", "run_compress"]
@@ -149,10 +149,9 @@ def _vae_metrics(ctx, bundle, settings, compressed, apply_c, key) -> None:
 
 def _figure(ctx, errors: dict[str, float], model: str) -> None:
     names = list(errors)
-    fig, ax = new_figure(figsize=(6, 0.25 * len(names) + 1.5))
-    ax.barh(np.arange(len(names)), [errors[k] for k in names])
-    ax.set_yticks(np.arange(len(names)), names, fontsize=6)
-    ax.set_xlabel("relative Frobenius error")
-    ax.set_title(f"{model}: per-layer error", fontsize=9)
-    fig.tight_layout()
-    save_figure(ctx, "layer_errors", fig)
+    with ctx.figure("layer_errors.png", size=0.25 * len(names) + 2.5) as (fig, axes):
+        ax = axes[0, 0]
+        ax.barh(np.arange(len(names)), [errors[k] for k in names])
+        ax.set_yticks(np.arange(len(names)), names, fontsize=6)
+        ax.set_xlabel("relative Frobenius error")
+        ax.set_title(f"{model}: per-layer error", fontsize=9)

@@ -118,7 +118,7 @@ class MixtureTarget:
     label (classes, then the null label, then the two experts)."""
 
     mixture: Any  # GaussianMixture with the mixture's own weights
-    table: Array  # (num_classes + 3, K) log-weights, -inf outside a sub-mixture
+    table: np.ndarray  # (num_classes + 3, K) log-weights, -inf outside a sub-mixture
     classes: tuple[tuple[int, ...], ...]
     experts: tuple[tuple[int, ...], tuple[int, ...]]
 
@@ -127,9 +127,9 @@ class MixtureTarget:
         from feynkit.models import GaussianMixture
 
         lw = self.table[row]
-        keep = np.nonzero(np.isfinite(np.asarray(lw)))[0]
+        keep = np.nonzero(np.isfinite(lw))[0]
         return GaussianMixture(
-            lw[keep] - jax.nn.logsumexp(lw[keep]),
+            jnp.asarray(lw[keep] - np.logaddexp.reduce(lw[keep])),
             self.mixture.means[keep],
             self.mixture.covs[keep],
         )
@@ -144,7 +144,7 @@ def _mixture_eps(target: MixtureTarget, schedule: Any):
         n_rows = target.table.shape[0]
         null = len(target.classes)
         lab = jnp.full(x.shape[:1], null) if label is None else jnp.asarray(label)
-        lw = target.table[jnp.clip(lab, 0, n_rows - 1)]  # (n, K)
+        lw = jnp.asarray(target.table)[jnp.clip(lab, 0, n_rows - 1)]  # (n, K)
 
         def one(xi, ti, lwi):
             m = target.mixture.marginal(schedule, ti)
@@ -198,16 +198,16 @@ def gaussian_mixture(
     lw = np.asarray(mix.log_weights)
     for r, comps in enumerate(rows):
         table[r, comps] = lw[comps]
-    target = MixtureTarget(
-        mix, jnp.asarray(table), tuple(map(tuple, classes)), tuple(map(tuple, experts))
-    )
+    target = MixtureTarget(mix, table, tuple(map(tuple, classes)), tuple(map(tuple, experts)))
     sched = get_schedule(schedule)
     c = len(classes)
 
     def classifier_logits(x, t):
         def one(xi, ti):
             comp = mix.marginal(sched, ti).component_log_probs(xi)  # (K,)
-            return jax.vmap(lambda row: jax.nn.logsumexp(comp + row - lw))(target.table[:c])
+            return jax.vmap(lambda row: jax.nn.logsumexp(comp + row - lw))(
+                jnp.asarray(target.table[:c])
+            )
 
         return jax.vmap(one)(x, jnp.broadcast_to(t, x.shape[:1]))
 
@@ -241,7 +241,8 @@ def _class_samples(key, target: MixtureTarget, labels: np.ndarray):
     out = np.zeros((labels.shape[0], target.mixture.dim), np.float32)
     for c in np.unique(labels):
         idx = np.nonzero(labels == c)[0]
-        out[idx] = np.asarray(target.sub(int(c)).sample(jax.random.fold_in(key, int(c)), len(idx)))
+        draw = jax.jit(target.sub(int(c)).sample, static_argnums=1)
+        out[idx] = np.asarray(draw(jax.random.fold_in(key, int(c)), len(idx)))
     return jnp.asarray(out), jnp.asarray(labels)
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from feynkit.experiments.tasks import build
-from feynkit.experiments.tasks.common import bound_for, new_figure, save_figure, task_settings
+from feynkit.experiments.tasks.common import bound_for, task_settings
 from feynkit.experiments.tasks.validate import validate_combination
 
 __all__ = ["SampleTask", "run_sample"]
@@ -99,8 +99,10 @@ def _exact_target(key, cfg, bundle, settings, labels, n: int):
     guidance = build.target_name(cfg.guidance)
     null = len(tgt.classes)
     if corrector == "fkc_product_corrector":
-        a, b = (tgt.sub(null + 1 + i).marginal(sched, t_min) for i in range(2))
-        return a.product(b)[0].sample(key, n)
+        a, b = (tgt.sub(null + 1 + i) for i in range(2))
+        return jax.jit(
+            lambda k: a.marginal(sched, t_min).product(b.marginal(sched, t_min))[0].sample(k, n)
+        )(key)
     if corrector == "fkc_anneal_corrector":
         base = tgt.sub(null if labels is None else int(labels[0]))
         if labels is not None and np.unique(np.asarray(labels)).size > 1:
@@ -118,7 +120,8 @@ def _exact_target(key, cfg, bundle, settings, labels, n: int):
         return None
     if guidance is None and corrector is None:
         if labels is None:
-            return tgt.sub(null).marginal(sched, t_min).sample(key, n)
+            full = tgt.sub(null)
+            return jax.jit(lambda k: full.marginal(sched, t_min).sample(k, n))(key)
         return bundle.reference(key, n, labels)[0]
     return None
 
@@ -248,13 +251,12 @@ def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
     model = bundle.name
     bound = bound_for(settings, "max_energy_distance", model)
     if bundle.target is not None:
-        truth = _exact_target(key, cfg, bundle, settings, labels, int(settings.num_reference))
-        if truth is not None:
+        m = int(settings.num_reference)
+        # m draws to compare with, and n more for the estimator's floor at these sizes
+        both = _exact_target(key, cfg, bundle, settings, labels, m + n)
+        if both is not None:
+            truth, again = both[:m], both[m:]
             ed = ctx.metric("energy_distance", energy_distance(x, truth, weights))
-            # The estimator's floor at these sizes: two independent exact draws.
-            again = _exact_target(
-                jax.random.fold_in(key, 7), cfg, bundle, settings, labels, x.shape[0]
-            )
             ctx.metric("energy_distance_floor", energy_distance(again, truth))
             centers = bundle.target.mixture.means
             mw = mode_weights(x, centers, weights)
@@ -325,17 +327,16 @@ def _figure(ctx, bundle, x, weights, labels) -> None:
         x = x[np.asarray(idx)]
         labels = None if labels is None else np.asarray(labels)[np.asarray(idx)]
     if x.ndim == 2:
-        fig, ax = new_figure(figsize=(4, 4))
-        c = None if labels is None else np.asarray(labels)
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, c=c, cmap="tab10" if c is not None else None)
-        ax.set_aspect("equal")
-        ax.set_title(f"{bundle.name}: samples", fontsize=9)
-    else:
-        k = min(32, x.shape[0])
-        fig, axes = new_figure(4, 8, figsize=(8, 4))
-        for i, ax in enumerate(np.asarray(axes).ravel()):
+        with ctx.figure("samples.png", size=4.0) as (fig, axes):
+            ax = axes[0, 0]
+            c = None if labels is None else np.asarray(labels)
+            cmap = "tab10" if c is not None else None
+            ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5, c=c, cmap=cmap)
+            ax.set_aspect("equal")
+            ax.set_title(f"{bundle.name}: samples", fontsize=9)
+        return
+    with ctx.figure("samples.png", 4, 8, size=1.0) as (fig, axes):
+        for i, ax in enumerate(axes.ravel()):
             ax.axis("off")
-            if i < k:
+            if i < x.shape[0]:
                 ax.imshow(np.clip(x[i, ..., 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
-    fig.tight_layout()
-    save_figure(ctx, "samples", fig)

@@ -20,7 +20,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from feynkit.experiments.tasks import build
-from feynkit.experiments.tasks.common import new_figure, save_figure, task_settings
+from feynkit.experiments.tasks.common import task_settings
 from feynkit.experiments.tasks.validate import validate_combination
 
 __all__ = ["TrainTask", "run_train"]
@@ -86,16 +86,15 @@ def run_train(cfg: DictConfig, ctx: Any) -> None:
         bound = float(settings.max_reconstruction_mse)
         ctx.claim(f"test reconstruction error < {bound:g}", mse, bound)
     if histories:
-        fig, ax = new_figure(figsize=(5, 3.5))
-        for name, history in histories.items():
-            steps, losses = zip(*((h[0], h[1]) for h in history), strict=True)
-            ax.plot(steps, losses, label=name)
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title(f"{bundle.name}: training loss", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        save_figure(ctx, "training_loss", fig)
+        with ctx.figure("training_loss.png", size=4.0) as (fig, axes):
+            ax = axes[0, 0]
+            for name, history in histories.items():
+                steps, losses = zip(*((h[0], h[1]) for h in history), strict=True)
+                ax.plot(steps, losses, label=name)
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_title(f"{bundle.name}: training loss", fontsize=9)
+            ax.legend(fontsize=8)
 
 
 def _denoising_mse(bundle, n: int, key) -> float:
