@@ -73,24 +73,24 @@ VAE_CACHE_VERSION = 1
 DIGITS_NUM_CLASSES = 10  # label DIGITS_NUM_CLASSES is the null (unconditional) label
 
 
-def model_config(cls: type, ex: Any | None):
-    """A `cls` instance holding the fields of `ex` that `cls` has (`cls()` when `ex` is None)."""
+def model_config(cls: type, ex: Any | None = None, smoke: bool = False):
+    """A `cls` instance holding the fields of `ex` that `cls` has (`cls()` when `ex` is None),
+    with the zoo's smoke settings for `cls` applied when `smoke` (the small, quickly trained
+    model every smoke run shares)."""
     if ex is None:
-        return cls()
-    if type(ex) is cls:
-        return ex
-    names = [f.name for f in dataclasses.fields(cls)]
-    missing = [n for n in names if not hasattr(ex, n)]
-    if missing:
-        raise ValueError(
-            f"{type(ex).__name__} lacks the {cls.__name__} fields {missing}; pass a "
-            f"{cls.__name__} or a config that subclasses it."
-        )
-    return cls(**{n: getattr(ex, n) for n in names})
-
-
-def _smoke(cfg, smoke: bool, overrides: dict):
-    return dataclasses.replace(cfg, **overrides) if smoke else cfg
+        cfg = cls()
+    elif type(ex) is cls:
+        cfg = ex
+    else:
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if not hasattr(ex, n)]
+        if missing:
+            raise ValueError(
+                f"{type(ex).__name__} lacks the {cls.__name__} fields {missing}; pass a "
+                f"{cls.__name__} or a config that subclasses it."
+            )
+        cfg = cls(**{n: getattr(ex, n) for n in names})
+    return dataclasses.replace(cfg, **_SMOKE[cls]) if smoke else cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def trained_toy_model(
     ``None`` (or ``ex.num_modes``) for the unconditional branch. `ex` defaults to
     `ToyModelConfig()`; ``smoke=True`` applies `TOY_SMOKE` (a small, quickly trained model).
     """
-    ex = _smoke(model_config(ToyModelConfig, ex), smoke, TOY_SMOKE)
+    ex = model_config(ToyModelConfig, ex, smoke)
     cached = tr.cached_train(
         _toy_defining_config(ex, seed),
         functools.partial(_train_score_mlp, ex, jax.random.fold_in(jax.random.key(seed), 0)),
@@ -319,7 +319,7 @@ def trained_digits_models(
     ``classifier.forward(params, x, t) -> logits``. `ex` defaults to `DigitsModelsConfig()`;
     ``smoke=True`` applies `DIGITS_SMOKE` (small, quickly trained models for smoke runs).
     """
-    ex = _smoke(model_config(DigitsModelsConfig, ex), smoke, DIGITS_SMOKE)
+    ex = model_config(DigitsModelsConfig, ex, smoke)
     split = load_digits_split() if split is None else split
     key = jax.random.key(seed)
     schedule = LinearSchedule()
@@ -451,7 +451,7 @@ def _train_lm(ex: LMConfig, model: TransformerLM, tokens: np.ndarray, key, check
 
 def lm_corpus(ex: LMConfig | Any | None = None, smoke: bool = False) -> TextCorpus:
     """The corpus (train/validation/test byte streams) the LM of `ex` is trained on."""
-    ex = _smoke(model_config(LMConfig, ex), smoke, LM_SMOKE)
+    ex = model_config(LMConfig, ex, smoke)
     return load_stdlib_corpus(max_bytes=ex.max_corpus_bytes, fractions=tuple(ex.split_fractions))
 
 
@@ -464,7 +464,7 @@ def trained_lm(
     to `LMConfig()`; ``smoke=True`` applies `LM_SMOKE` (a small, quickly trained model). Pass
     `corpus` (from `lm_corpus`) to avoid loading it twice.
     """
-    ex = _smoke(model_config(LMConfig, ex), smoke, LM_SMOKE)
+    ex = model_config(LMConfig, ex, smoke)
     corpus = lm_corpus(ex) if corpus is None else corpus
     model = _lm_model(ex)
     key = jax.random.fold_in(jax.random.key(seed), 0)
@@ -479,7 +479,7 @@ def trained_lm(
 def load_lm(ex) -> tuple[TransformerLM, Any, TextCorpus, LMConfig]:
     """(model, params, corpus, lm config) of the shared trained LM (seed 0) for a replication
     config with ``cache_dir`` and ``lm_smoke`` (True: the smoke model)."""
-    lm_ex = _smoke(LMConfig(cache_dir=ex.cache_dir), ex.lm_smoke, LM_SMOKE)
+    lm_ex = model_config(LMConfig, LMConfig(cache_dir=ex.cache_dir), ex.lm_smoke)
     corpus = lm_corpus(lm_ex)
     model, cached = trained_lm(lm_ex, 0, corpus)
     return model, cached.params, corpus, lm_ex
@@ -550,7 +550,7 @@ def trained_vae(
 ) -> tuple[VAE, tr.CachedModel]:
     """The `train_vae` Bernoulli VAE (8x8x1 binarised digits) and its parameters, from the
     model cache or trained; ``smoke=True`` applies `VAE_SMOKE`."""
-    ex = _smoke(model_config(VAEModelConfig, ex), smoke, VAE_SMOKE)
+    ex = model_config(VAEModelConfig, ex, smoke)
     split = load_digits_split() if split is None else split
     model = VAE(data_shape=(8, 8, 1), latent_dim=ex.latent_dim, hidden=tuple(ex.hidden))
     key = jax.random.fold_in(jax.random.key(seed), 0)
@@ -560,3 +560,11 @@ def trained_vae(
         directory=ex.cache_dir,
     )
     return model, cached
+
+
+_SMOKE = {
+    ToyModelConfig: TOY_SMOKE,
+    DigitsModelsConfig: DIGITS_SMOKE,
+    LMConfig: LM_SMOKE,
+    VAEModelConfig: VAE_SMOKE,
+}

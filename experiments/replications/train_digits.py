@@ -20,58 +20,54 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core.checkpoint import save_checkpoint
 from feynkit.core.schedules import LinearSchedule
+from feynkit.experiments import harness, zoo
 from feynkit.experiments import train as tr
-from feynkit.experiments import zoo
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.metrics import frechet_distance
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
 from feynkit.inference import diffusion
 
 
 @dataclasses.dataclass
-class TrainDigitsConfig(zoo.DigitsModelsConfig):
-    name: str = "train_digits"
-    # evaluation
-    samples_per_class: int = 50
-    sampler_steps: int = 200
-    guidance_weight: float = 1.0  # 1: plain conditional sampling; > 1: classifier-free guidance
-    max_fd: float = 2.0  # claim: fd_digits below this (measured 0.90, seed 0)
-    baseline_factor: float = 4.0  # claim: fd_digits < Gaussian baseline's fd / this
-    min_class_accuracy: float = 0.9  # claim: classifier agrees with the conditioning label
+class TrainDigitsConfig(harness.ReplicationConfig, zoo.DigitsModelsConfig):
+    """Schema of `configs/experiment/train_digits.yaml`: the model fields of
+    `zoo.DigitsModelsConfig` (which define the cached models) and the evaluation."""
+
+    samples_per_class: int = MISSING
+    sampler_steps: int = MISSING
+    guidance_weight: float = MISSING  # 1: plain conditional sampling; > 1: classifier-free
+    max_fd: float = MISSING  # claim: fd_digits below this
+    baseline_factor: float = MISSING  # claim: fd_digits < Gaussian baseline's fd / this
+    min_class_accuracy: float = MISSING  # claim: classifier agrees with the conditioning label
+
+    def __post_init__(self):
+        harness.require(self.samples_per_class >= 2, "samples_per_class", "must be >= 2.")
+        harness.require(self.sampler_steps >= 1, "sampler_steps", "must be >= 1.")
+        harness.require(0.0 < self.t_min < 1.0, "t_min", f"must lie in (0, 1), got {self.t_min}.")
+        harness.require(self.baseline_factor > 0, "baseline_factor", "must be > 0.")
 
 
-SMOKE = dict(
-    **zoo.DIGITS_SMOKE,
-    samples_per_class=10,
-    sampler_steps=30,
-    max_fd=1e6,
-    baseline_factor=1e-6,  # smoke runs check the pipeline, not the quality
-    min_class_accuracy=0.0,
-)
-
-
-@register("train_digits", TrainDigitsConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, TrainDigitsConfig, SMOKE)
+@harness.replication("train_digits", TrainDigitsConfig)
+def run(ex: TrainDigitsConfig, ctx: harness.Context) -> None:
+    """Train (or load) the zoo's digits models and score class-conditional samples; with
+    ``smoke=true`` the models are the zoo's smoke models (`zoo.DIGITS_SMOKE`)."""
     tr.quiet_checkpoint_logging()
-    res = Results("train_digits", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    res = ctx
+    key = ctx.key
     schedule = LinearSchedule()
     split = load_digits_split()
     train_data = (jnp.asarray(split.x_train), jnp.asarray(split.y_train))
-    (unet, classifier), cached = zoo.trained_digits_models(ex, cfg.seed, split)
+    (unet, classifier), cached = zoo.trained_digits_models(ex, ctx.seed, split, smoke=ctx.smoke)
     for name, c in cached.items():
-        save_checkpoint(Path(out_dir) / "checkpoints" / name, 0, c.params)
+        save_checkpoint(ctx.out_dir / "checkpoints" / name, 0, c.params)
         res.metric(f"cache_hit.{name}", float(c.hit))
         if c.info.get("history"):
             res.metric(f"final_train_loss.{name}", c.info["history"][-1][1])
@@ -132,21 +128,18 @@ def run(cfg, out_dir: Path) -> Results:
         f"fd_digits < Gaussian baseline / {ex.baseline_factor:g}", fd, fd_gauss / ex.baseline_factor
     )
     res.claim("class accuracy of conditional samples", acc, ex.min_class_accuracy, ">")
-    res.figures.append(
-        _plot(np.asarray(samples), np.asarray(split.x_test), y_test, cached, out_dir)
-    )
-    return res
+    _plot(ctx, np.asarray(samples), np.asarray(split.x_test), y_test, cached)
 
 
-def _plot(samples, x_test, y_test, cached, out_dir: Path) -> str:
-    import matplotlib
+def _plot(ctx: harness.Context, samples, x_test, y_test, cached) -> None:
+    kw = dict(figsize=(12, 6), gridspec_kw={"width_ratios": [1, 1, 1.2]})
+    with ctx.figure("train_digits.png", 1, 3, **kw) as (fig, axes):
+        _draw(axes[0], samples, x_test, y_test, cached)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def _draw(axes, samples, x_test, y_test, cached) -> None:
     per_class = samples.shape[0] // NUM_CLASSES
     cols = min(per_class, 8)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 6), gridspec_kw={"width_ratios": [1, 1, 1.2]})
     grid = samples.reshape(NUM_CLASSES, per_class, 8, 8)[:, :cols]
     real = np.stack([x_test[y_test == c][:cols, ..., 0] for c in range(NUM_CLASSES)])
     for ax, title, g in ((axes[0], "samples (row = label)", grid), (axes[1], "test digits", real)):
@@ -166,8 +159,3 @@ def _plot(samples, x_test, y_test, cached, out_dir: Path) -> str:
     axes[2].set_xlabel("step")
     axes[2].set_title("training loss", fontsize=9)
     axes[2].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "train_digits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

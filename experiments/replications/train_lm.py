@@ -15,40 +15,38 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core.checkpoint import save_checkpoint
+from feynkit.experiments import harness, zoo
 from feynkit.experiments import train as tr
-from feynkit.experiments import zoo
 from feynkit.experiments.data import BYTE_VOCAB_SIZE, byte_decode, byte_encode
 from feynkit.experiments.evaluation import windowed_nll
 from feynkit.experiments.metrics import bits_per_byte, ngram_nll
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 
 
 @dataclasses.dataclass
-class TrainLMConfig(zoo.LMConfig):
-    name: str = "train_lm"
-    # evaluation
-    max_eval_tokens: int = 200_000  # validation bytes scored (from the start of the split)
-    eval_batch_size: int = 64
-    sample_tokens: int = 200
-    sample_temperature: float = 0.8
-    prompt: str = "def "
-    max_ppl_ratio: float = 0.5  # claim: validation perplexity < bigram perplexity × this
+class TrainLMConfig(harness.ReplicationConfig, zoo.LMConfig):
+    """Schema of `configs/experiment/train_lm.yaml`: the model fields of `zoo.LMConfig`
+    (which define the cached model) and the evaluation."""
 
+    max_eval_tokens: int = MISSING  # validation bytes scored (from the start of the split)
+    eval_batch_size: int = MISSING
+    sample_tokens: int = MISSING
+    sample_temperature: float = MISSING
+    prompt: str = MISSING
+    max_ppl_ratio: float = MISSING  # claim: validation perplexity < bigram perplexity × this
 
-SMOKE = dict(
-    **zoo.LM_SMOKE,
-    max_eval_tokens=8192,
-    sample_tokens=16,
-    max_ppl_ratio=1e6,  # smoke runs check the pipeline, not the quality
-)
+    def __post_init__(self):
+        harness.require(self.max_eval_tokens > 1, "max_eval_tokens", "must be > 1.")
+        harness.require(self.eval_batch_size >= 1, "eval_batch_size", "must be >= 1.")
+        harness.require(self.sample_tokens >= 0, "sample_tokens", "must be >= 0.")
+        harness.require(self.sample_temperature > 0, "sample_temperature", "must be > 0.")
+        harness.require(len(self.prompt) > 0, "prompt", "must not be empty.")
 
 
 def sample_text(model, params, key, prompt: str, num_tokens: int, temperature: float) -> str:
@@ -73,17 +71,19 @@ def sample_text(model, params, key, prompt: str, num_tokens: int, temperature: f
     return prompt + byte_decode(np.asarray(generate(params, key)))
 
 
-@register("train_lm", TrainLMConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, TrainLMConfig, SMOKE)
+@harness.replication("train_lm", TrainLMConfig)
+def run(ex: TrainLMConfig, ctx: harness.Context) -> None:
+    """Train (or load) the zoo's LM and score it on the validation stream; with ``smoke=true``
+    the model (and its corpus) is the zoo's smoke model (`zoo.LM_SMOKE`)."""
     tr.quiet_checkpoint_logging()
-    res = Results("train_lm", cfg.seed)
-    key = jax.random.key(cfg.seed)
-    corpus = zoo.lm_corpus(ex)
+    res = ctx
+    key = ctx.key
+    lm = zoo.model_config(zoo.LMConfig, ex, smoke=ctx.smoke)  # what the model was trained with
+    corpus = zoo.lm_corpus(lm)
     res.metric("corpus_train_bytes", len(corpus.train))
-    model, cached = zoo.trained_lm(ex, cfg.seed, corpus)
+    model, cached = zoo.trained_lm(lm, ctx.seed, corpus)
     params = cached.params
-    save_checkpoint(Path(out_dir) / "checkpoints" / "transformer_lm", ex.steps, params)
+    save_checkpoint(ctx.out_dir / "checkpoints" / "transformer_lm", 0, params)
     res.metric("cache_hit", float(cached.hit))
     for k in ("train_seconds", "train_tokens_per_s"):
         if k in cached.info:
@@ -94,7 +94,7 @@ def run(cfg, out_dir: Path) -> Results:
 
     val = corpus.validation[: ex.max_eval_tokens]
     nll, scored, eval_speed = windowed_nll(
-        model.forward, params, val, ex.seq_len, ex.eval_batch_size
+        model.forward, params, val, lm.seq_len, ex.eval_batch_size
     )
     res.metric("eval_tokens_per_s", eval_speed)
     res.metric("validation_tokens", scored)
@@ -118,19 +118,18 @@ def run(cfg, out_dir: Path) -> Results:
         ex.sample_tokens,
         ex.sample_temperature,
     )
-    (Path(out_dir) / "sample.txt").write_text(text)
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    (ctx.out_dir / "sample.txt").write_text(text)
     print(f"sample:\n{text}\n")
-    res.figures.append(_plot(history, nll, bigram_nll, unigram_nll, out_dir))
-    return res
+    _plot(ctx, history, nll, bigram_nll, unigram_nll)
 
 
-def _plot(history, nll, bigram_nll, unigram_nll, out_dir: Path) -> str:
-    import matplotlib
+def _plot(ctx: harness.Context, history, nll, bigram_nll, unigram_nll) -> None:
+    with ctx.figure("train_lm.png", figsize=(6, 4)) as (fig, axes):
+        _draw(axes[0, 0], history, nll, bigram_nll, unigram_nll)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+def _draw(ax, history, nll, bigram_nll, unigram_nll) -> None:
     if history:
         steps, losses = zip(*((h[0], h[1]) for h in history), strict=True)
         ax.plot(steps, np.asarray(losses) / math.log(2), label="train (per chunk)")
@@ -143,8 +142,3 @@ def _plot(history, nll, bigram_nll, unigram_nll, out_dir: Path) -> str:
     ax.set_xlabel("step")
     ax.set_ylabel("bits per byte")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "train_lm.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

@@ -18,38 +18,33 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core.checkpoint import save_checkpoint
+from feynkit.experiments import harness, zoo
 from feynkit.experiments import train as tr
-from feynkit.experiments import zoo
 from feynkit.experiments.data import load_digits_split
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.models import VAE, VAEOutput, decoder_log_prob
 
 
 @dataclasses.dataclass
-class TrainVAEConfig(zoo.VAEModelConfig):
-    name: str = "train_vae"
-    # evaluation
-    elbo_draws: int = 16  # one-sample ELBOs averaged per test image
-    iwae_samples: int = 256
-    max_neg_elbo: float = 19.0  # claim: test −ELBO (nats per image) below this (measured 17.7)
-    baseline_margin: float = 5.0  # claim: test ELBO beats the independent-pixel baseline by this
+class TrainVAEConfig(harness.ReplicationConfig, zoo.VAEModelConfig):
+    """Schema of `configs/experiment/train_vae.yaml`: the model fields of `zoo.VAEModelConfig`
+    (which define the cached model) and the evaluation."""
 
+    elbo_draws: int = MISSING  # one-sample ELBOs averaged per test image
+    iwae_samples: int = MISSING
+    max_neg_elbo: float = MISSING  # claim: test −ELBO (nats per image) below this
+    baseline_margin: float = MISSING  # claim: test ELBO > independent-pixel baseline + this
 
-SMOKE = dict(
-    **zoo.VAE_SMOKE,
-    elbo_draws=2,
-    iwae_samples=16,
-    max_neg_elbo=60.0,
-    baseline_margin=-1e6,  # smoke runs check the pipeline, not the quality
-)
+    def __post_init__(self):
+        harness.require(self.elbo_draws >= 1, "elbo_draws", "must be >= 1.")
+        harness.require(self.iwae_samples >= 1, "iwae_samples", "must be >= 1.")
+        harness.require(self.latent_dim >= 1, "latent_dim", "must be >= 1.")
 
 
 def iwae_bound(model: VAE, params, key, x: jax.Array, num_samples: int) -> jax.Array:
@@ -73,17 +68,18 @@ def independent_bernoulli_loglik(x_train: np.ndarray, x_test: np.ndarray) -> flo
     return float(ll.reshape(len(x_test), -1).sum(1).mean())
 
 
-@register("train_vae", TrainVAEConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, TrainVAEConfig, SMOKE)
+@harness.replication("train_vae", TrainVAEConfig)
+def run(ex: TrainVAEConfig, ctx: harness.Context) -> None:
+    """Train (or load) the zoo's VAE and bound its test log-likelihood; with ``smoke=true`` the
+    model is the zoo's smoke model (`zoo.VAE_SMOKE`)."""
     tr.quiet_checkpoint_logging()
-    res = Results("train_vae", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    res = ctx
+    key = ctx.key
     split = load_digits_split()
     x_train, x_test = zoo.binarize(split.x_train), zoo.binarize(split.x_test)
-    model, cached = zoo.trained_vae(ex, cfg.seed, split)
+    model, cached = zoo.trained_vae(ex, ctx.seed, split, smoke=ctx.smoke)
     params = cached.params
-    save_checkpoint(Path(out_dir) / "checkpoints" / "vae", ex.steps, params)
+    save_checkpoint(ctx.out_dir / "checkpoints" / "vae", 0, params)
     res.metric("cache_hit", float(cached.hit))
     if cached.info.get("history"):
         res.metric("final_train_loss", cached.info["history"][-1][1])
@@ -121,26 +117,17 @@ def run(cfg, out_dir: Path) -> Results:
         ">",
     )
     recon = jax.nn.sigmoid(model.decode(params, model.encode(params, xt[:10])[0]))
-    prior = jax.nn.sigmoid(model.decode(params, jax.random.normal(k_prior, (10, ex.latent_dim))))
-    res.figures.append(
-        _plot(
-            x_test[:10],
-            np.asarray(recon),
-            np.asarray(prior),
-            cached.info.get("history", []),
-            out_dir,
-        )
-    )
-    return res
+    prior = jax.nn.sigmoid(model.decode(params, jax.random.normal(k_prior, (10, model.latent_dim))))
+    _plot(ctx, x_test[:10], np.asarray(recon), np.asarray(prior), cached.info.get("history", []))
 
 
-def _plot(x, recon, prior, history, out_dir: Path) -> str:
-    import matplotlib
+def _plot(ctx: harness.Context, x, recon, prior, history) -> None:
+    kw = dict(figsize=(11, 3.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    with ctx.figure("train_vae.png", 1, 2, **kw) as (fig, axes):
+        _draw(axes[0], x, recon, prior, history)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.2), gridspec_kw={"width_ratios": [1.6, 1]})
+def _draw(axes, x, recon, prior, history) -> None:
     rows = np.concatenate([r.reshape(10, 8, 8) for r in (x, recon, prior)])
     grid = rows.reshape(3, 10, 8, 8).transpose(0, 2, 1, 3).reshape(24, 80)
     axes[0].imshow(grid, cmap="gray_r", vmin=0, vmax=1)
@@ -151,8 +138,3 @@ def _plot(x, recon, prior, history, out_dir: Path) -> str:
         axes[1].plot(steps, losses)
     axes[1].set_xlabel("step")
     axes[1].set_title("training −ELBO (nats/image)", fontsize=9)
-    fig.tight_layout()
-    path = Path(out_dir) / "train_vae.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

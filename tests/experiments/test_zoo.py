@@ -34,14 +34,39 @@ def test_trained_toy_model_trains_then_hits_cache(fresh_cache):
 
 
 def test_replication_config_shares_the_zoo_entry(fresh_cache):
-    from feynkit.experiments.replications import train_toy
+    @dataclasses.dataclass
+    class WithEvaluation(zoo.ToyModelConfig):
+        num_samples: int = 7  # evaluation fields are not part of the key
 
     _, first = zoo.trained_toy_model(smoke=True)
-    ex = dataclasses.replace(train_toy.TrainToyConfig(), **train_toy.SMOKE)
-    _, again = zoo.trained_toy_model(ex)  # evaluation fields are not part of the key
+    _, again = zoo.trained_toy_model(WithEvaluation(), smoke=True)
     assert again.hit and again.path == first.path
-    other = dataclasses.replace(ex, steps=ex.steps + 1)
-    assert tr.config_hash(zoo._toy_defining_config(other, 0)) != first.path.name.split("-")[-1]
+    other = zoo.model_config(zoo.ToyModelConfig, WithEvaluation(steps=7), smoke=True)
+    assert other.steps == zoo.TOY_SMOKE["steps"]  # the smoke settings win
+    changed = dataclasses.replace(other, hidden=other.hidden + 1)
+    assert tr.config_hash(zoo._toy_defining_config(changed, 0)) != first.path.name.split("-")[-1]
+
+
+@pytest.mark.parametrize(
+    "name, model_cls",
+    [
+        ("train_toy", zoo.ToyModelConfig),
+        ("train_digits", zoo.DigitsModelsConfig),
+        ("train_lm", zoo.LMConfig),
+        ("train_vae", zoo.VAEModelConfig),
+    ],
+)
+def test_training_replications_train_the_models_the_zoo_serves(name, model_cls):
+    """The model keys of configs/experiment/train_*.yaml equal the zoo's defaults, so a full
+    training run fills the cache entry every other replication loads."""
+    from feynkit.experiments import harness
+
+    from .smoke import smoke_config
+
+    cfg = smoke_config(name)
+    cfg.smoke = False
+    ex = harness.experiment_node(cfg, harness.get(name).schema)
+    assert zoo.model_config(model_cls, ex) == model_cls()
 
 
 def test_trained_lm_and_load_lm_hit_cache(fresh_cache):
