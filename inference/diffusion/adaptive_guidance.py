@@ -149,7 +149,8 @@ def adaptive_guidance(
         )
         return out, new
 
-    return Guidance(init, combine, lambda state, t: state.active)
+    params = {"scale": scale, "threshold": threshold}
+    return Guidance(init, combine, lambda state, t: state.active, "adaptive_guidance", params)
 
 
 def _features(eps_c: Array, hist_c: Array, hist_u: Array) -> Array:
@@ -228,7 +229,15 @@ def linear_ag(
             hist_c, hist_u = state.eps_cond, state.eps_uncond
         return out, LinearAGState(state.step + 1, hist_c, hist_u)
 
-    return Guidance(init, combine, lambda state, t: ~replaced(state.step))
+    return Guidance(
+        init,
+        combine,
+        lambda state, t: ~replaced(state.step),
+        "linear_ag",
+        {"scale": scale},
+        # the history runs over samples on axis 1 (axis 0 is the step), the counter per run
+        state_axes=lambda s: LinearAGState(None, 1, 1),
+    )
 
 
 @functools.partial(jax.jit, static_argnames="history")

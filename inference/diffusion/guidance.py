@@ -90,8 +90,9 @@ def cfg(
     References:
       Ho & Salimans (2022), eq. 6; Kynkäänniemi et al. (2024), eq. 2 and §3.
     """
+    params = {"scale": scale, "interval": interval}
     if interval is None:
-        return Guidance(_no_state, lambda c, u, s, t: (_mix(u, c, scale), s), None)
+        return Guidance(_no_state, lambda c, u, s, t: (_mix(u, c, scale), s), None, "cfg", params)
     lo, hi = (float(v) for v in interval)
     if not 0.0 <= lo < hi:
         raise ValueError(f"cfg interval must satisfy 0 <= sigma_lo < sigma_hi, got {interval}.")
@@ -106,7 +107,7 @@ def cfg(
         w = jnp.where(inside(state, t), scale, 1.0)
         return _mix(u, c, w), state
 
-    return Guidance(_no_state, combine, inside)
+    return Guidance(_no_state, combine, inside, "cfg", params)
 
 
 def cfg_pp(scale_lambda: float) -> Guidance:
@@ -145,7 +146,7 @@ def cfg_pp(scale_lambda: float) -> Guidance:
     def combine(c: Prediction, u: Prediction, state: Any, t: Array):
         return Prediction(u.x0 + scale_lambda * (c.x0 - u.x0), u.eps), state
 
-    return Guidance(_no_state, combine, None)
+    return Guidance(_no_state, combine, None, "cfg_pp", {"scale_lambda": scale_lambda})
 
 
 def cfg_pp_equivalent_scale(
@@ -248,7 +249,8 @@ def apg(
         eps = c.eps - schedule.alpha(t) / schedule.sigma(t) * (x0 - c.x0)
         return Prediction(x0, eps), APGState(running)
 
-    return Guidance(init, combine, None)
+    params = {"scale": scale, "eta": eta, "momentum": momentum, "norm_threshold": norm_threshold}
+    return Guidance(init, combine, None, "apg", params, state_axes=lambda s: APGState(0))
 
 
 def guided_ddim_inversion(

@@ -16,6 +16,12 @@ in one `lax.scan`. Three pieces combine:
   ``predict(x, t, carry) -> (Prediction, carry)`` it may call once or several times per step
   (Heun calls it twice). The carry threads the guidance state and the evaluation count.
 
+A fourth, optional piece makes the run a particle method: a **corrector**
+(`feynkit.inference.smc.Corrector`: Feynman–Kac correctors, FK steering) turns the predictions
+the loop makes into log-weight increments and resamples adaptively. ``sample(...,
+corrector=...)`` then runs the same solver step inside `feynkit.inference.smc.base`'s SMC kernel
+(`feynkit.inference.smc.corrector`; imported lazily here because `smc` imports this module).
+
 `SampleInfo.nfe` counts network evaluations per sample (a conditional and an unconditional
 evaluation count two, even when batched together).
 """
@@ -29,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.types import Array, ArrayLike, Key
+from feynkit.core.validation import check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
 
 __all__ = [
@@ -36,6 +43,8 @@ __all__ = [
     "PredictFn",
     "SampleInfo",
     "Solver",
+    "checked_model",
+    "guided_branches_fn",
     "guided_predict_fn",
     "reuse_first_prediction",
     "sample",
@@ -55,57 +64,122 @@ class Guidance(NamedTuple):
       needs_uncond: ``needs_uncond(state, t) -> bool`` (traced); ``None`` means always. When
         false, the unconditional branch is skipped and ``combine`` gets the conditional
         prediction as both arguments.
+      name: what the method is ("cfg", "apg", ...), for correctors that accept only some.
+      params: its parameters (e.g. ``{"scale": w, "interval": None}``), for the same checks.
+      uses_uncond: False when ``combine`` never reads the unconditional branch; the loop then
+        evaluates the conditional branch alone (statically, no `lax.cond`).
+      state_axes: ``state_axes(state) -> pytree`` of the state's shape giving, per leaf, the
+        axis that runs over samples (None: a per-run leaf). Particle methods resample the
+        per-sample leaves with the particles and keep the per-run ones once. None: a leaf whose
+        leading axis has the batch size is per-sample, any other is per-run.
     """
 
     init: Callable[[Array], Any]
     combine: Callable[[Prediction, Prediction, Any, Array], tuple[Prediction, Any]]
     needs_uncond: Callable[[Any, Array], Array] | None = None
+    name: str = "custom"
+    params: dict[str, Any] | None = None
+    uses_uncond: bool = True
+    state_axes: Callable[[Any], Any] | None = None
 
 
 class Solver(NamedTuple):
     """A diffusion solver: ``init(x) -> state``;
     ``step(key, x, state, predict, carry, t, t_next) -> (x_next, state, carry)``.
 
-    `schedule` gives α_t, σ_t (and the SDE coefficients) the solver integrates.
+    `schedule` gives α_t, σ_t (and the SDE coefficients) the solver integrates. `name` says
+    which solver it is and `stochastic` whether its step draws noise (None: unknown), for the
+    correctors whose weights hold only for some solvers. Per-sample leaves of the state (those
+    whose leading axis has the batch size) follow the particles when a corrector resamples.
     """
 
     init: Callable[[Array], Any]
     step: Callable[..., tuple[Array, Any, Any]]
     schedule: Any
+    name: str = "custom"
+    stochastic: bool | None = None
 
 
 class SampleInfo(NamedTuple):
     """Diagnostics of a run: network evaluations per sample, and the trajectory if asked for
-    (x at every grid time, t_max first)."""
+    (x at every grid time, t_max first).
+
+    With a corrector also: the final normalised ``log_weights`` (n,), ``log_normalizer``
+    (log Ẑ), the ESS after each step's reweighting ``ess`` (steps,), the ``resampled`` flags
+    (steps,), the ``ancestors`` (steps, n) when ``keep_ancestry``, and the mean acceptance rate
+    of the rejuvenation moves ``acceptance`` (when the corrector rejuvenates).
+    """
 
     nfe: Array
     trajectory: Array | None = None
+    log_weights: Array | None = None
+    log_normalizer: Array | None = None
+    ess: Array | None = None
+    resampled: Array | None = None
+    ancestors: Array | None = None
+    acceptance: Array | None = None
 
 
 def _concat(a: Any, b: Any) -> Any:
     return jax.tree.map(lambda u, v: jnp.concatenate([jnp.asarray(u), jnp.asarray(v)]), a, b)
 
 
-def guided_predict_fn(
+def checked_model(model_fn: Callable[..., Any], prediction: str) -> Callable[..., Any]:
+    """`model_fn` with a trace-time check that its output matches the declared kind: a
+    `Prediction` for ``prediction="prediction"``, otherwise one array shaped like x."""
+
+    def checked(x: Array, t: Array, **cond: Any) -> Any:
+        out = model_fn(x, t, **cond)
+        if prediction == "prediction":
+            if not isinstance(out, Prediction):
+                raise ValueError(
+                    f"prediction='prediction' needs model_fn to return a Prediction(x0, eps), "
+                    f"got {type(out).__name__}; pass the kind of its output instead "
+                    "('eps', 'x0', 'v', 'score' or 'velocity')."
+                )
+            shapes = [jnp.shape(out.x0), jnp.shape(out.eps)]
+        else:
+            if isinstance(out, tuple):
+                raise ValueError(
+                    f"model_fn returned a {type(out).__name__}, not an array of kind "
+                    f"{prediction!r}; a model returning a Prediction needs "
+                    "prediction='prediction'."
+                )
+            shapes = [jnp.shape(out)]
+        for shape in shapes:
+            if tuple(shape) != tuple(x.shape):
+                raise ValueError(
+                    f"model_fn returned an output of shape {tuple(shape)} for x of shape "
+                    f"{tuple(x.shape)}; a model of kind {prediction!r} must return one value per "
+                    "entry of x (reshape its output, or check the prediction kind)."
+                )
+        return out
+
+    return checked
+
+
+def guided_branches_fn(
     denoise: Callable[..., Prediction],
     guidance: Guidance | None = None,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     batch_branches: bool = True,
-) -> PredictFn:
-    """``predict(x, t, (guidance_state, nfe)) -> (Prediction, (guidance_state, nfe))``.
+) -> Callable[[Array, Array, Any], tuple[tuple[Prediction, Prediction], Any]]:
+    """``branches(x, t, (guidance_state, nfe)) -> ((cond_pred, uncond_pred), (state, nfe))``.
 
-    Without guidance the model is evaluated once, with ``cond``. With guidance, the conditional
-    (``cond``) and unconditional (``uncond``) branches are evaluated — as one batch of 2B when
-    `batch_branches` — unless ``guidance.needs_uncond`` says otherwise.
+    The model's conditional (``cond``) and unconditional (``uncond``) predictions, evaluated as
+    `guided_predict_fn` evaluates them (the unconditional branch skipped, and the conditional
+    one returned twice, when there is no guidance, when ``guidance.uses_uncond`` is false or
+    when ``guidance.needs_uncond`` says so). The guidance state is read, not advanced.
     """
     cond = {} if cond is None else cond
     uncond = {} if uncond is None else uncond
 
-    def predict(x: Array, t: Array, carry: Any) -> tuple[Prediction, Any]:
+    def branches(x: Array, t: Array, carry: Any) -> tuple[tuple[Prediction, Prediction], Any]:
         gstate, nfe = carry
-        if guidance is None:
-            return denoise(x, t, **cond), (gstate, nfe + 1)
+        if guidance is None or not guidance.uses_uncond:
+            p = denoise(x, t, **cond)
+            return (p, p), (gstate, nfe + 1)
 
         def both(x):
             if batch_branches:
@@ -125,8 +199,33 @@ def guided_predict_fn(
             use = jnp.asarray(guidance.needs_uncond(gstate, t), bool)
             pc, pu = jax.lax.cond(use, both, cond_only, x)
             used = use.astype(nfe.dtype)
+        return (pc, pu), (gstate, nfe + 1 + used)
+
+    return branches
+
+
+def guided_predict_fn(
+    denoise: Callable[..., Prediction],
+    guidance: Guidance | None = None,
+    cond: dict[str, Any] | None = None,
+    uncond: dict[str, Any] | None = None,
+    batch_branches: bool = True,
+) -> PredictFn:
+    """``predict(x, t, (guidance_state, nfe)) -> (Prediction, (guidance_state, nfe))``.
+
+    Without guidance the model is evaluated once, with ``cond``. With guidance, the conditional
+    (``cond``) and unconditional (``uncond``) branches are evaluated — as one batch of 2B when
+    `batch_branches` — unless ``guidance.needs_uncond`` says otherwise (`guided_branches_fn`),
+    and ``guidance.combine`` merges them.
+    """
+    branches = guided_branches_fn(denoise, guidance, cond, uncond, batch_branches)
+
+    def predict(x: Array, t: Array, carry: Any) -> tuple[Prediction, Any]:
+        (pc, pu), (gstate, nfe) = branches(x, t, carry)
+        if guidance is None:
+            return pc, (gstate, nfe)
         out, gstate = guidance.combine(pc, pu, gstate, t)
-        return out, (gstate, nfe + 1 + used)
+        return out, (gstate, nfe)
 
     return predict
 
@@ -161,9 +260,11 @@ def sample(
     guidance: Guidance | None = None,
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
+    corrector: Any = None,
     denoise_final: bool = False,
     return_trajectory: bool = False,
     batch_branches: bool = True,
+    keep_ancestry: bool = False,
 ) -> tuple[Array, SampleInfo]:
     """Integrate from ``timesteps[0]`` to ``timesteps[-1]`` with `solver`, in one `lax.scan`.
 
@@ -177,19 +278,46 @@ def sample(
         "prediction" when ``model_fn`` already returns a `Prediction`.
       guidance: a `Guidance`, or None for a plain conditional (or unconditional) run.
       cond, uncond: keyword arguments of the conditional and unconditional model calls, e.g.
-        ``{"label": y}`` and ``{"label": jnp.full_like(y, num_classes)}``.
-      denoise_final: return x̂₀ at the last time instead of x (one more evaluation).
-      return_trajectory: also return x at every grid time in ``SampleInfo.trajectory``.
+        ``{"label": y}`` and ``{"label": jnp.full_like(y, num_classes)}``. With a corrector
+        they must not vary over the batch (resampling permutes samples, not conditioning).
+      corrector: a `feynkit.inference.smc.Corrector` (``smc.fkc_cfg_corrector(w)``,
+        ``smc.fk_steering_corrector(reward)``, ...): the batch becomes weighted particles that
+        are reweighted from the predictions the loop makes and resampled adaptively (see
+        `feynkit.inference.smc.corrector`). None: a plain run.
+      denoise_final: return x̂₀ at the last time instead of x (one more evaluation, unless the
+        corrector already evaluated the model there).
+      return_trajectory: also return x at every grid time in ``SampleInfo.trajectory`` (with
+        a corrector: the particles after each step's resampling, not genealogies).
       batch_branches: evaluate conditional and unconditional branches as one batch.
+      keep_ancestry: with a corrector, return every step's ancestor indices (steps × n
+        integers) in ``SampleInfo.ancestors``.
 
     Returns:
-      (x, SampleInfo) with x of the shape of x_init.
+      (x, SampleInfo) with x of the shape of x_init. With a corrector, x are the final
+      particles and ``SampleInfo`` carries their log-weights, log Ẑ, ESS and resampling flags.
     """
+    if corrector is not None:
+        from feynkit.inference.smc.corrector import corrected_sample  # smc imports this module
+
+        return corrected_sample(
+            key,
+            solver,
+            model_fn,
+            x_init,
+            timesteps,
+            corrector,
+            prediction=prediction,
+            guidance=guidance,
+            cond=cond,
+            uncond=uncond,
+            denoise_final=denoise_final,
+            return_trajectory=return_trajectory,
+            batch_branches=batch_branches,
+            keep_ancestry=keep_ancestry,
+        )
     x = jnp.asarray(x_init)
-    ts = jnp.asarray(timesteps, x.dtype)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"timesteps must be a 1-D grid of ≥ 2 times, got shape {ts.shape}.")
-    denoise = as_denoiser(model_fn, solver.schedule, prediction)
+    ts = check_time_grid(timesteps, x.dtype)
+    denoise = as_denoiser(checked_model(model_fn, prediction), solver.schedule, prediction)
     predict = guided_predict_fn(denoise, guidance, cond, uncond, batch_branches)
     gstate = None if guidance is None else guidance.init(x)
     carry0 = (gstate, jnp.zeros((), jnp.int32))

@@ -98,7 +98,7 @@ def ddim(schedule: Any, eta: float = 0.0) -> Solver:
             x_next = x_next + c * jax.random.normal(key, x.shape, x.dtype)
         return x_next, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="ddim", stochastic=bool(eta > 0))
 
 
 def ddpm(schedule: Any) -> Solver:
@@ -128,7 +128,7 @@ def ddpm(schedule: Any) -> Solver:
         x_next = mean + std * jax.random.normal(key, x.shape, x.dtype)
         return x_next, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="ddpm", stochastic=True)
 
 
 def euler_maruyama(schedule: Any) -> Solver:
@@ -156,7 +156,7 @@ def euler_maruyama(schedule: Any) -> Solver:
         noise = jnp.sqrt(g2 * -dt) * jax.random.normal(key, x.shape, x.dtype)
         return x_t + dt * drift + noise, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="euler_maruyama", stochastic=True)
 
 
 def probability_flow(schedule: Any) -> Solver:
@@ -178,7 +178,7 @@ def probability_flow(schedule: Any) -> Solver:
         drift = schedule.drift_coef(t) * x_t + 0.5 * schedule.beta(t) / schedule.sigma(t) * pred.eps
         return x_t + (t_next - t) * drift, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="probability_flow", stochastic=False)
 
 
 def flow_euler(schedule: Any) -> Solver:
@@ -200,4 +200,4 @@ def flow_euler(schedule: Any) -> Solver:
         u = schedule.dalpha_dt(t) * pred.x0 + schedule.dsigma_dt(t) * pred.eps
         return _point(schedule, pred, t) + (t_next - t) * u, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="flow_euler", stochastic=False)

@@ -59,10 +59,12 @@ def heun(schedule: Any) -> Solver:
         xt_next, carry = jax.lax.cond(st_s > 0, correct, lambda c: (xt_euler, c), carry)
         return a_s * xt_next, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name="heun", stochastic=False)
 
 
-def _heun_in_t(schedule: Any, rhs: Callable[[Prediction, Array, Array], Array]) -> Solver:
+def _heun_in_t(
+    schedule: Any, rhs: Callable[[Prediction, Array, Array], Array], name: str
+) -> Solver:
     """Heun (explicit trapezoid) in t on dx/dt = rhs(pred, x̂, t), x̂ = α x̂₀ + σ ε̂."""
 
     def point(pred, t):
@@ -83,7 +85,7 @@ def _heun_in_t(schedule: Any, rhs: Callable[[Prediction, Array, Array], Array]) 
         )
         return x_next, state, carry
 
-    return Solver(_no_state, step, schedule)
+    return Solver(_no_state, step, schedule, name=name, stochastic=False)
 
 
 def probability_flow_heun(schedule: Any) -> Solver:
@@ -102,7 +104,7 @@ def probability_flow_heun(schedule: Any) -> Solver:
     def rhs(pred, x, t):
         return schedule.drift_coef(t) * x + 0.5 * schedule.beta(t) / schedule.sigma(t) * pred.eps
 
-    return _heun_in_t(schedule, rhs)
+    return _heun_in_t(schedule, rhs, "probability_flow_heun")
 
 
 def flow_heun(schedule: Any) -> Solver:
@@ -121,7 +123,7 @@ def flow_heun(schedule: Any) -> Solver:
     def rhs(pred, x, t):
         return schedule.dalpha_dt(t) * pred.x0 + schedule.dsigma_dt(t) * pred.eps
 
-    return _heun_in_t(schedule, rhs)
+    return _heun_in_t(schedule, rhs, "flow_heun")
 
 
 class DPMSolverState(NamedTuple):
@@ -167,4 +169,4 @@ def dpm_solver_pp_2m(schedule: Any) -> Solver:
         new_state = DPMSolverState(pred.x0, h.astype(x.dtype), jnp.asarray(True))
         return x_next, new_state, carry
 
-    return Solver(init, step, schedule)
+    return Solver(init, step, schedule, name="dpm_solver_pp_2m", stochastic=False)

@@ -7,11 +7,16 @@ One step of the kernel is mutate → reweight → adaptive resample:
 
 `propagate_fn(key, particles, step) -> (particles, log_increments)` supplies both the move and the
 log potential; the kernel owns the weights, the normaliser estimate and resampling, so every
-particle method (FK correctors, steering, tempering) shares this one loop.
+particle method (FK correctors, steering, tempering) shares this one loop. A state may carry a
+per-run ``shared`` pytree (an evaluation count, a guidance switch) that is threaded through
+the steps once instead of being copied into every particle, and the kernel may apply an MCMC
+``move_fn`` after each resampling (resample-move; Gilks & Berzuini 2001).
 
 References:
   Del Moral (2004), "Feynman-Kac Formulae"; Chopin & Papaspiliopoulos (2020), "An Introduction
-  to Sequential Monte Carlo", ch. 10 (the generic particle filter with adaptive resampling).
+  to Sequential Monte Carlo", ch. 10 (the generic particle filter with adaptive resampling);
+  Gilks & Berzuini (2001), "Following a moving target — Monte Carlo inference for dynamic
+  Bayesian models" (resample-move).
 """
 
 from collections.abc import Callable
@@ -39,22 +44,25 @@ PropagateFn = Callable[[Key, PyTree, Array], tuple[PyTree, Array]]
 
 class SMCState(NamedTuple):
     """particles: pytree with leading axis n; log_weights: normalised, shape (n,);
-    log_normalizer: running estimate of log Z_t; step: number of kernel steps taken."""
+    log_normalizer: running estimate of log Z_t; step: number of kernel steps taken;
+    shared: per-run state threaded through the steps, not resampled (None: none)."""
 
     particles: PyTree
     log_weights: Array
     log_normalizer: Array
     step: Array
+    shared: PyTree = None
 
 
 class SMCInfo(NamedTuple):
     """Diagnostics of one step: ESS after reweighting (before resampling), the increment of
-    log Ẑ, whether it resampled, and the ancestor indices (identity when it did not)."""
+    log Ẑ, whether it resampled, and the ancestor indices (identity when it did not; None when
+    the kernel was built with ``keep_ancestry=False``)."""
 
     ess: Array
     log_normalizer_increment: Array
     resampled: Array
-    ancestors: Array
+    ancestors: Array | None = None
 
 
 def _num_particles(particles: PyTree) -> int:
@@ -70,11 +78,14 @@ def _num_particles(particles: PyTree) -> int:
     return n
 
 
-def init(particles: PyTree, log_weights: ArrayLike | None = None) -> SMCState:
+def init(
+    particles: PyTree, log_weights: ArrayLike | None = None, shared: PyTree = None
+) -> SMCState:
     """Initial state from particles drawn from a proposal and their importance log-weights.
 
     With log-weights l_i = log π̃₀(x_i) − log q(x_i), log Ẑ₀ = log (1/n) Σ exp l_i estimates
-    log ∫ π̃₀; without them the particles are taken as exact draws (log Ẑ₀ = 0).
+    log ∫ π̃₀; without them the particles are taken as exact draws (log Ẑ₀ = 0). `shared` is
+    per-run state for a `propagate_fn` that takes it (see `build_kernel`).
     """
     n = _num_particles(particles)
     if log_weights is None:
@@ -89,6 +100,7 @@ def init(particles: PyTree, log_weights: ArrayLike | None = None) -> SMCState:
         normalize_log_weights(log_weights),
         log_mean_exp(log_weights),
         jnp.asarray(0, jnp.int32),
+        shared,
     )
 
 
@@ -97,23 +109,37 @@ def build_kernel(
     resample_fn: Callable[..., Array] = systematic_resample,
     ess_threshold: float | Array = 0.5,
     sharding: jax.sharding.Sharding | None = None,
+    *,
+    keep_ancestry: bool = True,
+    move_fn: Callable[..., tuple[PyTree, PyTree]] | None = None,
 ) -> Callable[[Key, SMCState], tuple[SMCState, SMCInfo]]:
     """The SMC transition `kernel(key, state) -> (state, info)`.
 
     Args:
-      propagate_fn: `(key, particles, step) -> (new_particles, log_increments)`.
+      propagate_fn: `(key, particles, step) -> (new_particles, log_increments)`; for a state
+        whose ``shared`` is not None, `(key, particles, step, shared) -> (new_particles,
+        log_increments, shared)`.
       resample_fn: resampling scheme (`feynkit.core` signature).
       ess_threshold: resample when ESS < ess_threshold · n; 0 never resamples (importance
         sampling), 1 resamples at every step with non-uniform weights. May be a traced scalar.
       sharding: if given, particles are constrained to it after each step (keeps them split
         over a device mesh after resampling gathers).
+      keep_ancestry: put each step's ancestor indices in `SMCInfo.ancestors` (n integers per
+        step, stacked over a run: at 1e6 particles × 500 steps, 2 GB); False leaves it None.
+      move_fn: `(key, particles, step, shared) -> (particles, shared)`, an MCMC move that
+        leaves the current target invariant, applied after the steps that resampled (at the
+        new step count); `shared` is None for states without one.
     """
     if isinstance(ess_threshold, int | float) and not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}.")
 
     def kernel(key: Key, state: SMCState) -> tuple[SMCState, SMCInfo]:
         k_move, k_resample = jax.random.split(key)
-        particles, log_inc = propagate_fn(k_move, state.particles, state.step)
+        shared = state.shared
+        if shared is None:
+            particles, log_inc = propagate_fn(k_move, state.particles, state.step)
+        else:
+            particles, log_inc, shared = propagate_fn(k_move, state.particles, state.step, shared)
         log_inc = jnp.asarray(log_inc, state.log_weights.dtype)
         unnorm = state.log_weights + log_inc
         increment = logsumexp(unnorm)  # log Σ W_i exp(G_i), W normalised
@@ -122,12 +148,21 @@ def build_kernel(
         particles, log_weights, ancestors, resampled = adaptive_resample(
             k_resample, particles, log_weights, resample_fn, ess_threshold
         )
+        if move_fn is not None:
+            k_mcmc = jax.random.fold_in(key, 2)  # leaves the move and resampling keys as they are
+            particles, shared = jax.lax.cond(
+                resampled,
+                lambda ps: move_fn(k_mcmc, ps[0], state.step + 1, ps[1]),
+                lambda ps: ps,
+                (particles, shared),
+            )
         if sharding is not None:
             particles = jax.lax.with_sharding_constraint(particles, sharding)
         new_state = SMCState(
-            particles, log_weights, state.log_normalizer + increment, state.step + 1
+            particles, log_weights, state.log_normalizer + increment, state.step + 1, shared
         )
-        return new_state, SMCInfo(step_ess, increment, resampled, ancestors)
+        info = SMCInfo(step_ess, increment, resampled, ancestors if keep_ancestry else None)
+        return new_state, info
 
     return kernel
 

@@ -20,6 +20,13 @@ the score is needed). Three cases of the paper:
 The drift alone is the naive baseline (scaled score, summed scores, CFG); FKC adds the weights
 and SMC resampling. The state-independent term (A − 1) d f only moves log Ẑ.
 
+This module takes the pretrained models as score functions `(x, t) -> S` and runs
+Euler–Maruyama; `fkc_sample` and `fkc_kernel` are that case of the one corrected sampler loop
+(`feynkit.inference.smc.corrector`). For Flax or quantized models, the branches of one
+model_fn, other solvers (DDPM, DDIM η > 0) and guidance, use
+``diffusion.sample(..., corrector=smc.fkc_cfg_corrector(w))`` and its siblings
+(`feynkit.inference.smc.fkc_corrector`).
+
 Derivation: write the Fokker–Planck equation of the SDE for the unnormalised π̃ and collect the
 residual as a potential, G = ∂_s log π̃ + ∇·b + ⟨b, ∇log π̃⟩ − g²/2 (Δ log π̃ + ‖∇ log π̃‖²),
 using ∂_t log p_i = −d f − f ⟨x, S_i⟩ + g²/2 (∇·S_i + ‖S_i‖²) for each pretrained marginal.
@@ -41,7 +48,9 @@ from feynkit.core import shard_particles, systematic_resample
 from feynkit.core.schedules import VPSchedule
 from feynkit.core.sharding import particle_sharding
 from feynkit.core.types import Array, Key
+from feynkit.inference.diffusion.solvers import euler_maruyama
 from feynkit.inference.smc import base
+from feynkit.inference.smc.corrector import Corrector, corrected_sampler
 
 __all__ = [
     "WeightedSDE",
@@ -167,6 +176,49 @@ def _time_grid(num_steps: int, t_max: float, t_min: float) -> Array:
     return jnp.linspace(t_max, t_min, num_steps + 1)
 
 
+def _sde_loop(
+    sde: WeightedSDE,
+    ts: Array,
+    weighted: bool | Array = True,
+    resample_fn: Callable[..., Array] = systematic_resample,
+    ess_threshold: float = 0.5,
+    sharding: jax.sharding.Sharding | None = None,
+    keep_ancestry: bool = False,
+):
+    """The corrected sampler loop (`corrector.corrected_sampler`) of a `WeightedSDE`: the
+    model is its combined score, Euler–Maruyama moves it, the weights come from its rate."""
+    schedule = sde.schedule
+
+    def score_model(x, t):
+        return sde.score_and_rate(x, t[0])[0]
+
+    def prepare(solver, guidance):
+        return None
+
+    def observe(x, t, pc, pu, pred, sched):
+        # the same call as the model's, traced on the same (x, t): XLA computes it once
+        return sde.score_and_rate(x, t)[1]
+
+    def increment(rate, _, t, t_next):
+        return jnp.where(weighted, rate * (t - t_next), jnp.zeros_like(rate)), None
+
+    threshold = (
+        jnp.where(weighted, ess_threshold, 0.0)
+        if _traced(weighted)
+        else (ess_threshold if weighted else 0.0)
+    )
+    corrector = Corrector("fkc_sde", prepare, observe, increment, None, threshold, resample_fn)
+    return corrected_sampler(
+        euler_maruyama(schedule),
+        score_model,
+        ts,
+        corrector,
+        prediction="score",
+        keep_ancestry=keep_ancestry,
+        sharding=sharding,
+    )
+
+
 def fkc_kernel(
     sde: WeightedSDE,
     num_steps: int,
@@ -176,6 +228,7 @@ def fkc_kernel(
     resample_fn: Callable[..., Array] = systematic_resample,
     ess_threshold: float = 0.5,
     sharding: jax.sharding.Sharding | None = None,
+    keep_ancestry: bool = False,
 ):
     """The SMC kernel of FKC with Euler–Maruyama steps on the uniform grid t_max → t_min.
 
@@ -183,27 +236,29 @@ def fkc_kernel(
       x ← x + [−f(t_k) x + g(t_k)² S(x, t_k)] Δ + g(t_k) √Δ ξ,   log w += G(x, t_k) Δ.
     With `weighted=False` the increments are zero and nothing is resampled: the naive sampler.
     `weighted` may also be a traced boolean scalar, so that one compiled function runs both.
+    It is the kernel of the one corrected sampler loop (`smc.corrector`) on states whose
+    particles are x (from `fkc_init`), for `smc.run` and `smc.run_checkpointed`.
     """
-    ts = _time_grid(num_steps, t_max, t_min)
-    schedule = sde.schedule
-
-    def propagate(key, x, step):
-        t, t_next = ts[step], ts[step + 1]
-        dt = t - t_next
-        score, rate = sde.score_and_rate(x, t)
-        g2 = schedule.beta(t)
-        drift = -schedule.drift_coef(t) * x + g2 * score
-        noise = jax.random.normal(key, x.shape, x.dtype)
-        x_new = x + drift * dt + jnp.sqrt(g2 * dt) * noise
-        log_inc = jnp.where(weighted, rate * dt, jnp.zeros_like(rate))
-        return x_new, log_inc
-
-    threshold = (
-        jnp.where(weighted, ess_threshold, 0.0)
-        if _traced(weighted)
-        else (ess_threshold if weighted else 0.0)
+    loop = _sde_loop(
+        sde,
+        _time_grid(num_steps, t_max, t_min),
+        weighted,
+        resample_fn,
+        ess_threshold,
+        sharding,
+        keep_ancestry,
     )
-    return base.build_kernel(propagate, resample_fn, threshold, sharding=sharding)
+
+    def kernel(key: Key, state: base.SMCState) -> tuple[base.SMCState, base.SMCInfo]:
+        # Euler–Maruyama on a score carries nothing but x: the loop's state is x plus the
+        # evaluation count, which this kernel's callers never read.
+        inner = loop.init(state.particles)._replace(
+            log_weights=state.log_weights, log_normalizer=state.log_normalizer, step=state.step
+        )
+        new, info = loop.kernel(key, inner)
+        return new._replace(particles=new.particles.x, shared=None), info
+
+    return kernel
 
 
 def _traced(flag) -> bool:
@@ -242,6 +297,7 @@ def fkc_sample(
     resample_fn: Callable[..., Array] = systematic_resample,
     ess_threshold: float = 0.5,
     mesh: jax.sharding.Mesh | None = None,
+    keep_ancestry: bool = False,
 ) -> tuple[base.SMCState, base.SMCInfo]:
     """Sample π̃_{t_min} with FKC (or the naive SDE with `weighted=False`) in one `lax.scan`.
 
@@ -254,6 +310,7 @@ def fkc_sample(
         boolean scalar selects at run time.
       resample_fn, ess_threshold: adaptive resampling of the SMC loop.
       mesh: shard the particles over this mesh (`feynkit.core.particle_mesh()`).
+      keep_ancestry: keep every step's ancestor indices in the info (steps × n integers).
 
     Returns:
       The final `SMCState` (particles (n, d), normalised log-weights, log Ẑ) and the per-step
@@ -266,6 +323,6 @@ def fkc_sample(
         state = state._replace(particles=shard_particles(state.particles, mesh))
         sharding = particle_sharding(mesh)
     kernel = fkc_kernel(
-        sde, num_steps, t_max, t_min, weighted, resample_fn, ess_threshold, sharding
+        sde, num_steps, t_max, t_min, weighted, resample_fn, ess_threshold, sharding, keep_ancestry
     )
     return base.run(k_run, kernel, state, num_steps)

@@ -17,10 +17,13 @@ with initial weights exp(λ r_0). Only "difference" has intermediate targets p_t
 whose last one is the tilt; "max" and "sum" are the paper's heuristics and end at other
 distributions (exp(λ max_k r_k), exp(λ Σ_k r_k) tilts of the path).
 
-The loop is `smc.base`'s kernel (mutate → reweight → adaptive resample). Each particle carries
-the model's prediction at its current point, so a step reuses it for the move and evaluates the
+`fk_steering_corrector` is the potential as a `Corrector` of the one sampler loop
+(``diffusion.sample(..., corrector=fk_steering_corrector(r))``), so it runs with every solver
+and every guidance method: its weights do not depend on the dynamics. The particles carry the
+model's prediction at their current point; a step reuses it for the move and evaluates the
 model once at the new point (which the next step needs anyway): a run costs the solver's
 evaluations plus one, as a plain `diffusion.sample` run with ``denoise_final`` does.
+`fk_steering` is the same run returning a `SteeringResult`.
 
 References:
   Singhal, Horvitz, Teehan, Ren, Yu, Cho & Ranganath (2025), "A General Framework for
@@ -30,24 +33,21 @@ References:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from feynkit.core import systematic_resample
 from feynkit.core.types import Array, ArrayLike, Key
-from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
-from feynkit.inference.diffusion.sampler import (
-    Guidance,
-    Solver,
-    guided_predict_fn,
-    reuse_first_prediction,
-)
+from feynkit.core.validation import check_reward_shape
+from feynkit.inference.diffusion.prediction import Prediction
+from feynkit.inference.diffusion.sampler import Guidance, Solver
 from feynkit.inference.smc import base
+from feynkit.inference.smc.corrector import Corrector, corrected_sampler, resolve_resampler
 
-__all__ = ["POTENTIALS", "SteeringResult", "best_of_n", "fk_steering"]
+__all__ = ["POTENTIALS", "SteeringResult", "best_of_n", "fk_steering", "fk_steering_corrector"]
 
 POTENTIALS = ("difference", "max", "sum")
 
@@ -64,18 +64,76 @@ class SteeringResult(NamedTuple):
     nfe: Array
 
 
-class _Particle(NamedTuple):
-    x: Array
-    pred: Prediction
+class _Rewards(NamedTuple):
     reward: Array  # r at the current point
     best: Array  # running max of r ("max" potential)
-    solver_state: Any
-    guidance_state: Any  # broadcast over particles; identical across them
-    nfe: Array  # network evaluations so far, broadcast over particles
 
 
-def _broadcast(tree: Any, n: int) -> Any:
-    return jax.tree.map(lambda s: jnp.broadcast_to(s, (n, *jnp.shape(s))), tree)
+def fk_steering_corrector(
+    reward_fn: Callable[[Array], Array],
+    lam: float = 1.0,
+    potential: str = "difference",
+    *,
+    ess_threshold: float = 0.5,
+    resample: str | Callable[..., Array] = "systematic",
+) -> Corrector:
+    """FK steering towards p(x₀) exp(λ r(x₀)) as a corrector (see the module docstring).
+
+    Args:
+      reward_fn: ``r(x̂₀) -> (n,)`` rewards of a batch of denoised estimates (of the guided
+        prediction when the run has guidance).
+      lam: inverse temperature λ of the tilt.
+      potential: "difference", "max" or "sum".
+      ess_threshold: resample when ESS < threshold · n (1: at every step; 0: never, which is
+        importance sampling / best-of-N with weights).
+      resample: a resampler name ("systematic", ...) or a `feynkit.core` resampling function.
+
+    Returns:
+      A `Corrector`; with a deterministic solver and ``ess_threshold > 0`` it warns that
+      resampled copies never separate.
+    """
+    if potential not in POTENTIALS:
+        raise ValueError(f"unknown potential {potential!r}; choose one of {POTENTIALS}.")
+    if isinstance(ess_threshold, int | float) and not 0.0 <= ess_threshold <= 1.0:
+        raise ValueError(f"ess_threshold must be in [0, 1], got {ess_threshold}.")
+
+    def prepare(solver: Solver, guidance: Guidance | None) -> Guidance | None:
+        resamples = not (isinstance(ess_threshold, int | float) and ess_threshold == 0)
+        if solver.stochastic is False and resamples:
+            warnings.warn(
+                f"fk_steering with the deterministic solver {solver.name!r}: copies made by "
+                "resampling follow the same path and never separate, so resampling only "
+                "loses diversity. Use a stochastic solver (ddpm, euler_maruyama, ddim with "
+                "eta > 0) or ess_threshold=0 (importance weights only).",
+                UserWarning,
+                stacklevel=4,
+            )
+        return guidance
+
+    def observe(x, t, pc, pu, pred: Prediction, schedule) -> _Rewards:
+        r = check_reward_shape(reward_fn(pred.x0), x.shape[0])
+        return _Rewards(r, r)
+
+    def increment(prev: _Rewards, new: _Rewards, t, t_next):
+        best = jnp.maximum(prev.best, new.reward)
+        log_g = {
+            "difference": new.reward - prev.reward,
+            "max": best - prev.best,
+            "sum": new.reward,
+        }[potential]
+        return lam * log_g, _Rewards(new.reward, best)
+
+    # Intermediate targets p_t(x) exp(λ r(x̂₀(x))): the starting particles carry exp(λ r_0).
+    return Corrector(
+        "fk_steering",
+        prepare,
+        observe,
+        increment,
+        lambda stats: lam * stats.reward,
+        ess_threshold,
+        resolve_resampler(resample),
+        True,
+    )
 
 
 def fk_steering(
@@ -95,8 +153,10 @@ def fk_steering(
     cond: dict[str, Any] | None = None,
     uncond: dict[str, Any] | None = None,
     denoise_final: bool = True,
+    keep_ancestry: bool = False,
 ) -> SteeringResult:
-    """Sample p(x₀) exp(λ r(x₀)) approximately with FK steering (see the module docstring).
+    """Sample p(x₀) exp(λ r(x₀)) approximately with FK steering (see the module docstring):
+    ``diffusion.sample(..., corrector=fk_steering_corrector(...))`` with the rewards kept.
 
     Args:
       key: PRNG key.
@@ -110,52 +170,25 @@ def fk_steering(
       ess_threshold: resample when ESS < threshold · n (1: at every step; 0: never, which is
         importance sampling / best-of-N with weights).
       denoise_final: return x̂₀ at the last time instead of x.
+      keep_ancestry: keep every step's ancestor indices in ``info.ancestors``.
     """
-    if potential not in POTENTIALS:
-        raise ValueError(f"unknown potential {potential!r}; choose one of {POTENTIALS}.")
-    x = jnp.asarray(x_init)
-    ts = jnp.asarray(timesteps, x.dtype)
-    if ts.ndim != 1 or ts.shape[0] < 2:
-        raise ValueError(f"timesteps must be a 1-D grid of ≥ 2 times, got shape {ts.shape}.")
-    n = x.shape[0]
-    denoise = as_denoiser(model_fn, solver.schedule, prediction)
-    predict = guided_predict_fn(denoise, guidance, cond, uncond)
-    nfe0 = jnp.zeros((), jnp.int32)
-
-    def reward(pred: Prediction) -> Array:
-        r = jnp.asarray(reward_fn(pred.x0))
-        if r.shape != (n,):
-            raise ValueError(f"reward_fn must return shape ({n},), got {r.shape}.")
-        return r
-
-    gstate0 = None if guidance is None else guidance.init(x)
-    pred0, (gstate0, nfe_init) = predict(x, ts[0], (gstate0, nfe0))
-    r0 = reward(pred0)
-    init = _Particle(
-        x, pred0, r0, r0, solver.init(x), _broadcast(gstate0, n), _broadcast(nfe_init, n)
+    corrector = fk_steering_corrector(
+        reward_fn, lam, potential, ess_threshold=ess_threshold, resample=resample_fn
     )
-
-    def propagate(k: Key, p: _Particle, step: Array):
-        t, t_next = ts[step], ts[step + 1]
-        gstate = jax.tree.map(lambda s: s[0], p.guidance_state)
-        cached_predict = reuse_first_prediction(predict, p.pred)
-
-        carry = (gstate, p.nfe[0])
-        x_new, sstate, carry = solver.step(k, p.x, p.solver_state, cached_predict, carry, t, t_next)
-        pred, (gstate, nfe) = predict(x_new, t_next, carry)
-        r = reward(pred)
-        best = jnp.maximum(p.best, r)
-        log_g = {"difference": r - p.reward, "max": best - p.best, "sum": r}[potential]
-        new = _Particle(x_new, pred, r, best, sstate, _broadcast(gstate, n), _broadcast(nfe, n))
-        return new, lam * log_g
-
-    kernel = base.build_kernel(propagate, resample_fn, ess_threshold)
-    # Intermediate targets p_t(x) exp(λ r(x̂₀(x))): the starting particles carry exp(λ r_0).
-    state = base.init(init, lam * r0)
-    state, info = base.run(key, kernel, state, ts.shape[0] - 1)
-    p = state.particles
-    x_out = p.pred.x0 if denoise_final else p.x
-    return SteeringResult(x_out, state.log_weights, p.reward, info, p.nfe[0])
+    loop = corrected_sampler(
+        solver,
+        model_fn,
+        timesteps,
+        corrector,
+        prediction=prediction,
+        guidance=guidance,
+        cond=cond,
+        uncond=uncond,
+        keep_ancestry=keep_ancestry,
+    )
+    state, info = base.run(key, loop.kernel, loop.init(x_init), loop.num_steps)
+    x, sample_info = loop.output(state, info, denoise_final)
+    return SteeringResult(x, state.log_weights, state.particles.stats.reward, info, sample_info.nfe)
 
 
 def best_of_n(samples: Array, rewards: ArrayLike, group_size: int) -> tuple[Array, Array]:

@@ -127,7 +127,10 @@ def test_product_log_normalizer_closed_form():
 
 
 def test_error_falls_with_particles():
-    sde, log_pi = _sdes(P1, P2)["anneal"]
+    # β = 1.5: at β = 2 this bimodal target's weights are heavy-tailed (even pure importance
+    # sampling with 8192 particles errs by ~0.1), and the RMSE ratio over 64 keys is only
+    # ~1.1-1.5 (measured before and after FKC moved into the sampler loop); at β = 1.5 it is ~4.
+    sde, log_pi = _sdes(P1, P2, beta=1.5)["anneal"]
     _, mean, _ = _quadrature(log_pi)
     run = jax.jit(jax.vmap(lambda k, n=None: smc.fkc_sample(k, sde, 64, 1, 200, t_min=T_MIN)[0]))
     run_big = jax.jit(jax.vmap(lambda k: smc.fkc_sample(k, sde, 2048, 1, 200, t_min=T_MIN)[0]))

@@ -99,7 +99,7 @@ def test_best_of_n_brute_force():
 def test_bad_input():
     x0 = jnp.zeros((8, 2))
     ts = dif.time_grid(4)
-    solver = dif.ddim(SCHEDULE)
+    solver = dif.ddim(SCHEDULE, 1.0)  # stochastic: a deterministic one warns (see test_corrector)
     with pytest.raises(ValueError, match="potential"):
         fk_steering(jax.random.key(0), solver, eps_model, x0, ts, reward, potential="best")
     with pytest.raises(ValueError, match="reward_fn"):
