@@ -82,7 +82,8 @@ class QuantRecipe:
     Attributes:
       name: for reports and configs (e.g. "gptq4_g32").
       compress: ``(w (d_in, d_out) float, stats, leaf_index) -> container``.
-      where: regexes over '/'-joined paths; each must match a leaf.
+      where: regexes over '/'-joined paths; each must match a leaf (factories map None to
+        `ALL_KERNELS`).
       needs_calibration: whether ``__call__`` requires a `Calibration`.
       stats: the statistics it reads, a subset of ("hessian", "absmax").
       kernel_only: selected leaves must have ≥ 2 axes; N-D ones are compressed as im2col
@@ -148,6 +149,8 @@ class QuantRecipe:
 
 
 def _where(where) -> str | tuple[str, ...]:
+    if where is None:  # a config's `where: null`: every Dense/Conv kernel
+        return ALL_KERNELS
     if isinstance(where, str):
         return where
     where = tuple(where)
