@@ -36,7 +36,7 @@ from feynkit.compression.quant.kv_ems import (
     ems_expand,
     global_local_scores,
 )
-from feynkit.compression.quant.kv_gear import compressed_bytes, gear_compress, gear_decompress
+from feynkit.compression.quant.kv_gear import gear_compress
 from feynkit.core.types import Array, ArrayLike, Float, Int, PyTree
 
 __all__ = [
@@ -115,9 +115,8 @@ def gear_kv_compressor(
     def compress(k, v, probs):
         gk = gear_compress(_to_heads(k), group_size=key_group_size, axis=0, **kw)
         gv = gear_compress(_to_heads(v), group_size=value_group_size, axis=1, **kw)
-        k_hat = _from_heads(gear_decompress(gk))
-        v_hat = _from_heads(gear_decompress(gv))
-        return k_hat, v_hat, compressed_bytes(gk) + compressed_bytes(gv)
+        k_hat, v_hat = _from_heads(gk.dequantize()), _from_heads(gv.dequantize())
+        return k_hat, v_hat, gk.nbytes + gv.nbytes
 
     name = f"gear{bits}b_r{rank}_s{outlier_fraction:g}" if rank or outlier_fraction else ""
     return KVCompressor(compress, False, name or f"uniform{bits}b")
