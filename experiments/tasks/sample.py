@@ -108,8 +108,8 @@ def _exact_target(key, cfg, bundle, settings, labels, n: int):
         if labels is not None and np.unique(np.asarray(labels)).size > 1:
             return None
         return sample_tempered(key, base.marginal(sched, t_min), float(cfg.corrector.beta), n)
-    if guidance == "cfg" or corrector == "fkc_cfg_corrector":
-        w = float(cfg.corrector.scale if corrector else cfg.guidance.scale)
+    if corrector == "fkc_cfg_corrector":  # plain CFG does not sample this target (FKC does)
+        w = float(cfg.corrector.scale)
         return None if w < 1 else _guided_truth(key, tgt, sched, t_min, w, labels, n)
     if corrector == "fk_steering_corrector":
         # exp(λ log p(c | x)) p(x) = p_c^λ p^(1−λ) up to a constant: the CFG target at w = λ.
@@ -264,7 +264,7 @@ def _metrics(cfg, ctx, bundle, settings, x, weights, labels, key) -> None:
             ctx.metric("mode_weight_error", jnp.max(jnp.abs(mw - mw_true)))
             if bound is not None:
                 ctx.claim(f"energy distance to the exact target < {bound:g}", ed, bound)
-        else:  # e.g. APG: no closed form; the distance to the class-conditional data
+        else:  # e.g. CFG, APG: no closed form; the distance to the class-conditional data
             m = int(settings.num_reference)
             lab = None if labels is None else np.resize(np.asarray(labels), m)
             ref = bundle.reference(key, m, lab)[0]

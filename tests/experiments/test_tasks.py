@@ -137,3 +137,61 @@ def test_compress_toy_model_rtn(tmp_path):
     m = res["metrics"]
     assert m["bytes.compressed"] < m["bytes.float32"] / 2
     assert 0 < m["layer_error.max"] < 0.3 and m["denoising_mse_ratio"] > 0.9
+
+
+def _fake_job(sweep, num, overrides, metrics, holds):
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    claims = [
+        {"name": f"c{i}", "holds": h, "value": 0.0, "bound": 1.0} for i, h in enumerate(holds)
+    ]
+    results = {"experiment": "sample", "metrics": metrics, "claims": claims, "wall_seconds": 2.0}
+    (job / "results.json").write_text(json.dumps(results))
+
+
+def test_multirun_summary_callback_on_a_sweep_dir(tmp_path):
+    from omegaconf import OmegaConf
+
+    from feynkit.experiments.summary import MultirunSummary
+
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, 0, ["solver=ddim", "guidance=cfg"], {"energy_distance": 0.25, "nfe": 61},
+              [True, True])  # fmt: skip
+    _fake_job(sweep, 1, ["solver=heun", "guidance=cfg"], {"energy_distance": 0.5, "nfe": 121},
+              [True, False])  # fmt: skip
+    _fake_job(sweep, 10, ["solver=heun", "guidance=apg"],
+              {"energy_distance": 0.125, "nfe": 121, "extra": 1.0}, [True])  # fmt: skip
+    (sweep / "multirun.yaml").write_text("x: 1\n")
+    MultirunSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    rows = (sweep / "summary.csv").read_text().splitlines()
+    assert rows[0].split(",")[:2] == ["job", "overrides"] and rows[0].endswith("extra")
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "10"]  # numeric job order
+    assert rows[2].split(",")[3:5] == ["1", "2"]  # job 1: one of two claims held
+    md = (sweep / "summary.md").read_text()
+    assert "| 1 | `solver=heun guidance=cfg` | 1/2 | 0.5 | 121 |" in md
+    assert "extra" not in md.split("\n\n")[1]  # only metrics every job has go in the table
+    assert (sweep / "summary.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_multirun_sweep_writes_its_summary(tmp_path):
+    """`--multirun task=sample solver=ddim,heun` through the entry point writes summary files
+    (the callback registered from the command line, as configs/config.yaml does)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", MPLBACKEND="Agg")
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run(
+        [sys.executable, "-m", "feynkit.experiments.run", "--multirun", "task=sample",
+         "model=gmm2d", "solver=ddim,heun", "guidance=cfg", "smoke=true",
+         f"hydra.sweep.dir={tmp_path}/sweep",
+         "+hydra.callbacks.summary._target_=feynkit.experiments.summary.MultirunSummary"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    md = (tmp_path / "sweep" / "summary.md").read_text()
+    assert "solver=ddim" in md and "solver=heun" in md and "energy_distance" in md
+    assert (tmp_path / "sweep" / "summary.png").is_file()
