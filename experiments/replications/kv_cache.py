@@ -25,10 +25,10 @@ import dataclasses
 import functools
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from omegaconf import MISSING
 
 from feynkit.compression.quant.kv_cache import (
     compressed_decode_logits,
@@ -36,47 +36,43 @@ from feynkit.compression.quant.kv_cache import (
     gear_kv_compressor,
     uniform_kv_compressor,
 )
-from feynkit.experiments import train as tr
+from feynkit.experiments import harness
 from feynkit.experiments.data import BYTE_VOCAB_SIZE, load_stdlib_corpus
 from feynkit.experiments.evaluation import mean_token_nll, scoring_windows
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import LMConfig, lm_corpus, trained_lm
 from feynkit.models import TransformerLM
 
 
 @dataclasses.dataclass
-class KVCacheConfig:
-    name: str = "kv_cache"
-    random_lm: bool = False  # smoke: an untrained small LM instead of the trained `train_lm` one
-    num_windows: int = 128
-    window_len: int = 128  # tokens per window (the LM was trained on 128)
-    prefix_len: int = 96  # prefilled and compressed
-    recompress_every: int | None = None  # GEAR streaming buffer (None: decoded tokens stay fp16)
-    bits: int = 2
-    gear_rank: int = 1
-    gear_outlier_fraction: float = 0.01
-    key_group_size: int | None = None  # tokens per key group (None: the whole prefix)
-    value_group_size: int | None = None  # channels per value group (None: the head)
-    ems_budget_fraction: float = 0.22
-    ems_window: int = 8
-    ems_merge_threshold: float = -1.0
+class KVCacheConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/kv_cache.yaml` (the values live there)."""
+
+    random_lm: bool = MISSING  # an untrained small LM instead of the trained `train_lm` one
+    num_windows: int = MISSING
+    window_len: int = MISSING  # tokens per window
+    prefix_len: int = MISSING  # prefilled and compressed
+    recompress_every: int | None = MISSING  # GEAR streaming buffer (None: decoded tokens fp16)
+    bits: int = MISSING
+    gear_rank: int = MISSING
+    gear_outlier_fraction: float = MISSING
+    key_group_size: int | None = MISSING  # tokens per key group (None: the whole prefix)
+    value_group_size: int | None = MISSING  # channels per value group (None: the head)
+    ems_budget_fraction: float = MISSING
+    ems_window: int = MISSING
+    ems_merge_threshold: float = MISSING
     # claims
-    min_compression: float = 4.0
-    max_ppl_increase: float = 0.05  # ppl / full ppl − 1
-    min_agreement: float = 0.9
+    min_compression: float = MISSING
+    max_ppl_increase: float = MISSING  # ppl / full ppl − 1
+    min_agreement: float = MISSING
 
-
-SMOKE = dict(
-    random_lm=True,
-    num_windows=4,
-    window_len=32,
-    prefix_len=24,
-    ems_window=4,
-    min_compression=2.0,
-    max_ppl_increase=1e6,
-    min_agreement=0.0,
-)
+    def __post_init__(self):
+        harness.require(
+            1 <= self.prefix_len < self.window_len,
+            "prefix_len",
+            f"must be in [1, window_len = {self.window_len}), got {self.prefix_len}.",
+        )
+        harness.require(self.num_windows >= 1, "num_windows", "must be >= 1.")
+        harness.require(1 <= self.bits <= 8, "bits", f"must lie in [1, 8], got {self.bits}.")
 
 
 def _model_and_windows(ex: KVCacheConfig, seed: int):
@@ -121,13 +117,10 @@ def _scores(logits, targets, full_logits):
     return math.exp(float(nll)), float(agree)
 
 
-@register("kv_cache", KVCacheConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, KVCacheConfig, SMOKE)
-    if not 1 <= ex.prefix_len < ex.window_len:
-        raise ValueError(f"prefix_len must be in [1, window_len), got {ex.prefix_len}.")
-    res = Results("kv_cache", cfg.seed)
-    model, params, windows = _model_and_windows(ex, cfg.seed)
+@harness.replication("kv_cache", KVCacheConfig)
+def run(ex: KVCacheConfig, ctx: harness.Context) -> None:
+    res = ctx
+    model, params, windows = _model_and_windows(ex, ctx.seed)
     res.metric("num_windows", windows.shape[0])
     res.metric("scored_tokens", windows.shape[0] * (ex.window_len - ex.prefix_len))
     full = jax.jit(model.forward)(params, windows[:, : ex.window_len])[:, ex.prefix_len :]
@@ -160,35 +153,50 @@ def run(cfg, out_dir: Path) -> Results:
             f"{ratio:.2f}x, {seconds:.1f}s"
         )
 
+    # the bounds of the first three (and EMS's) have loose smoke values: enforced there too
     base = f"uniform{ex.bits}"
     gear_ppl, gear_agree, gear_ratio = rows["gear"]
     res.claim(
-        f"GEAR {ex.bits}-bit compression ratio vs fp16 ≥", gear_ratio, ex.min_compression, ">="
+        f"GEAR {ex.bits}-bit compression ratio vs fp16 ≥",
+        gear_ratio,
+        ex.min_compression,
+        ">=",
+        smoke=True,
     )
     res.claim(
-        "GEAR perplexity / fp16-cache perplexity <", gear_ppl / ppl_full, 1 + ex.max_ppl_increase
+        "GEAR perplexity / fp16-cache perplexity <",
+        gear_ppl / ppl_full,
+        1 + ex.max_ppl_increase,
+        smoke=True,
     )
-    res.claim("GEAR next-token agreement with fp16 cache ≥", gear_agree, ex.min_agreement, ">=")
+    res.claim(
+        "GEAR next-token agreement with fp16 cache ≥",
+        gear_agree,
+        ex.min_agreement,
+        ">=",
+        smoke=True,
+    )
     res.claim(f"GEAR perplexity < uniform {ex.bits}-bit perplexity", gear_ppl, rows[base][0])
     res.claim(f"GEAR agreement > uniform {ex.bits}-bit agreement", gear_agree, rows[base][1], ">")
     if "ems" in rows:
-        res.claim("EMS compression ratio vs fp16 ≥", rows["ems"][2], ex.min_compression, ">=")
+        res.claim(
+            "EMS compression ratio vs fp16 ≥",
+            rows["ems"][2],
+            ex.min_compression,
+            ">=",
+            smoke=True,
+        )
         res.claim(
             "EMS perplexity / fp16-cache perplexity <",
             rows["ems"][0] / ppl_full,
             1 + ex.max_ppl_increase,
+            smoke=True,
         )
-    res.figures.append(_plot(rows, ppl_full, out_dir))
-    return res
+    with ctx.figure("kv_cache.png", 1, 2, figsize=(9, 3.6)) as (fig, axes):
+        _draw(rows, ppl_full, axes[0])
 
 
-def _plot(rows, ppl_full, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+def _draw(rows, ppl_full, axes) -> None:
     for name, (ppl, agree, ratio) in rows.items():
         axes[0].scatter(ratio, ppl / ppl_full, label=name)
         axes[1].scatter(ratio, agree, label=name)
@@ -198,8 +206,3 @@ def _plot(rows, ppl_full, out_dir: Path) -> str:
     for ax in axes:
         ax.set_xlabel("KV compression ratio vs fp16")
     axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(out_dir) / "kv_cache.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

@@ -17,9 +17,15 @@ divisor of its input width ≤ the target (64 → 64 for d_in = 128, 43 for d_in
 Reported per method: validation perplexity (first `eval_tokens` bytes of the validation split),
 average bits per quantized weight, and the held-out relative layer-output error
 e = tr(ΔWᵀ H ΔW) / tr(Wᵀ H W) (mean over kernels, H from validation windows after the scored
-ones). Bits: RTN/GPTQ b + (16 + b)/g (fp16 scale, b-bit zero per group, the GPTQ convention);
-SpQR and VPTQ count their stored arrays (`spqr_bits_per_weight`, `vq_bits_per_weight`); EoRA
-adds 16·r·(d_in + d_out) bits per kernel. Float weights are counted as 16 bits (bf16).
+ones). Every method is a `feynkit.compression.quant` recipe; its compressed tree is evaluated
+through `dequantize_tree`. Bits (``<method>.bits``, the papers' convention, which the claims
+use): RTN/GPTQ b + (16 + b)/g (fp16 scale, b-bit zero per group, the GPTQ convention); SpQR
+and VPTQ their protocol storage (`bits_per_weight`: SpQR's 3-bit codes, 3-bit and fp16
+statistics, fp16 outliers with indices; VPTQ's indices and fp16 codebook); EoRA adds its fp16
+factors, 16·r·(d_in + d_out) bits per kernel. ``<method>.storage_bits`` is what feynkit's
+containers store (`tree_bits_per_weight`), which differs from the convention for RTN/GPTQ
+only: `QuantizedArray` keeps float32 scales and zero points. Float weights are counted as
+16 bits (bf16).
 
 References: Frantar et al. (2023) GPTQ; Dettmers et al. (2024) SpQR; Liu et al. (2024) VPTQ;
 Liu et al. (2024) EoRA.
@@ -30,77 +36,81 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from omegaconf import MISSING
 
+from feynkit.compression.protocol import array_bits
+from feynkit.compression.quant import (
+    LINEAR_KERNELS,
+    LowRankCompensated,
+    QuantizedArray,
+    dequantize_tree,
+    gptq_recipe,
+    map_matching,
+    match_paths,
+    rtn_recipe,
+    spqr_recipe,
+    tree_bits_per_weight,
+    vptq_recipe,
+)
 from feynkit.compression.quant.calibration import linear_hessians
 from feynkit.compression.quant.eora import eora_compensation, svd_compensation
-from feynkit.compression.quant.gptq import gptq_quantize
-from feynkit.compression.quant.qarray import dequantize, fake_quantize
-from feynkit.compression.quant.spqr import spqr_bits_per_weight, spqr_dequantize, spqr_quantize
-from feynkit.compression.quant.tree import LINEAR_KERNELS, match_paths
-from feynkit.compression.quant.vptq import vptq_quantize, vq_bits_per_weight, vq_dequantize
-from feynkit.experiments import train as tr
-from feynkit.experiments.evaluation import consecutive_windows, group_for, lm_nll_fn
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
+from feynkit.experiments import harness
+from feynkit.experiments.evaluation import consecutive_windows, lm_nll_fn
 from feynkit.experiments.zoo import load_lm
 
 
 @dataclasses.dataclass
-class QuantPPLConfig:
-    name: str = "quant_ppl"
-    cache_dir: str | None = None  # model cache of the trained LM
-    lm_smoke: bool = False  # use train_lm's smoke model (set by smoke=true)
-    calib_windows: int = 64
-    calib_len: int = 128
-    heldout_windows: int = 32
-    eval_tokens: int = 16384
-    group_size: int = 64  # RTN/GPTQ target group (largest divisor of d_in ≤ this)
-    rtn_bits: list[int] = dataclasses.field(default_factory=lambda: [8, 4, 3, 2])
-    gptq_bits: list[int] = dataclasses.field(default_factory=lambda: [4, 3])
-    spqr_bits: int = 3
-    spqr_group_size: int = 16
-    spqr_outlier_threshold: float = 0.2
-    gptq_small_group: int = 16  # GPTQ at SpQR's bits and group: the equal-bits comparison
-    vptq_vector_len: int = 4
-    vptq_centroids: int = 128
-    vptq_res_centroids: int = 0
-    kmeans_iters: int = 20
-    eora_rank: int = 8
-    eora_methods: list[str] = dataclasses.field(
-        default_factory=lambda: ["rtn3", "gptq3", "spqr3", "vptq"]
-    )
-    near_lossless: float = 1.01  # claim: SpQR ppl / float ppl below this
+class QuantPPLConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/quant_ppl.yaml` (the values live there)."""
 
+    cache_dir: str | None = MISSING  # model cache of the trained LM
+    lm_smoke: bool = MISSING  # use train_lm's smoke model
+    calib_windows: int = MISSING
+    calib_len: int = MISSING
+    heldout_windows: int = MISSING
+    eval_tokens: int = MISSING
+    group_size: int = MISSING  # RTN/GPTQ target group (largest divisor of d_in ≤ this)
+    rtn_bits: list[int] = MISSING
+    gptq_bits: list[int] = MISSING
+    spqr_bits: int = MISSING
+    spqr_group_size: int = MISSING
+    spqr_outlier_threshold: float = MISSING
+    gptq_small_group: int = MISSING  # GPTQ at SpQR's bits and group: the equal-bits comparison
+    vptq_vector_len: int = MISSING
+    vptq_centroids: int = MISSING
+    vptq_res_centroids: int = MISSING
+    kmeans_iters: int = MISSING
+    eora_rank: int = MISSING
+    eora_methods: list[str] = MISSING
+    near_lossless: float = MISSING  # claim: SpQR ppl / float ppl below this
 
-SMOKE = dict(
-    lm_smoke=True,
-    calib_windows=8,
-    calib_len=32,
-    heldout_windows=8,
-    eval_tokens=2048,
-    group_size=16,
-    rtn_bits=[4, 3, 2],
-    vptq_centroids=16,
-    kmeans_iters=5,
-    eora_rank=4,
-)
+    def __post_init__(self):
+        for key in ("calib_windows", "calib_len", "heldout_windows", "eval_tokens", "eora_rank"):
+            harness.require(getattr(self, key) >= 1, key, "must be >= 1.")
+        for key in ("rtn_bits", "gptq_bits"):
+            for b in getattr(self, key):
+                harness.require(2 <= b <= 8, key, f"entries must lie in 2..8, got {b}.")
+        harness.require(
+            2 <= self.spqr_bits <= 8, "spqr_bits", f"must lie in 2..8, got {self.spqr_bits}."
+        )
+        known = (
+            [f"rtn{b}" for b in self.rtn_bits]
+            + [f"gptq{b}" for b in self.gptq_bits]
+            + [f"gptq{self.spqr_bits}_g{self.gptq_small_group}", f"spqr{self.spqr_bits}", "vptq"]
+        )
+        for m in self.eora_methods:
+            harness.require(
+                m in known, "eora_methods", f"has {m!r}, not a method; choose from {known}."
+            )
 
 
 _eora = jax.jit(eora_compensation, static_argnames="rank")
 _svd = jax.jit(svd_compensation, static_argnames="rank")
-
-
-def with_kernels(params, kernels: dict):
-    """`params` with the '/'-joined kernel paths replaced."""
-    flat = traverse_util.flatten_dict(params, sep="/")
-    flat.update({p: jnp.asarray(k, flat[p].dtype) for p, k in kernels.items()})
-    return traverse_util.unflatten_dict(flat, sep="/")
 
 
 def rel_layer_error(w, wh, H) -> float:
@@ -110,57 +120,58 @@ def rel_layer_error(w, wh, H) -> float:
     return float(np.sum(d * (H @ d)) / np.sum(w * (H @ w)))
 
 
-def _methods(ex, kernels, H, key):
-    """name → (dequantized kernels, total bits)."""
-    out = {}
-    for b in ex.rtn_bits:
-        qs, bits = {}, 0.0
-        for p, w in kernels.items():
-            g = group_for(w.shape[0], ex.group_size)
-            qs[p] = fake_quantize(w, b, group_size=g, axis=0, symmetric=False)
-            bits += w.size * (b + (16 + b) / g)
-        out[f"rtn{b}"] = (qs, bits)
-    grids = [(f"gptq{b}", b, ex.group_size) for b in ex.gptq_bits]
-    grids.append((f"gptq{ex.spqr_bits}_g{ex.gptq_small_group}", ex.spqr_bits, ex.gptq_small_group))
-    for name, b, target in grids:
-        qs, bits = {}, 0.0
-        for p, w in kernels.items():
-            g = group_for(w.shape[0], target)
-            qs[p] = dequantize(gptq_quantize(w, H[p], b, group_size=g, symmetric=False))
-            bits += w.size * (b + (16 + b) / g)
-        out[name] = (qs, bits)
-    qs, bits = {}, 0.0
-    for p, w in kernels.items():
-        q = spqr_quantize(
-            w,
-            H[p],
-            ex.spqr_bits,
-            group_size=ex.spqr_group_size,
-            outlier_threshold=ex.spqr_outlier_threshold,
-        )
-        qs[p], bits = spqr_dequantize(q), bits + w.size * spqr_bits_per_weight(q)
-    out[f"spqr{ex.spqr_bits}"] = (qs, bits)
-    qs, bits = {}, 0.0
-    for i, (p, w) in enumerate(kernels.items()):
-        q = vptq_quantize(
-            jax.random.fold_in(key, i),
-            w,
-            H[p],
-            vector_len=ex.vptq_vector_len,
-            num_centroids=ex.vptq_centroids,
-            num_res_centroids=ex.vptq_res_centroids,
-            kmeans_iters=ex.kmeans_iters,
-        )
-        qs[p], bits = vq_dequantize(q), bits + w.size * vq_bits_per_weight(q)
-    out["vptq"] = (qs, bits)
+def convention_bits(leaf) -> float:
+    """Bits per weight of one compressed kernel as the papers count them (module docstring)."""
+    if isinstance(leaf, QuantizedArray):  # GPTQ convention: fp16 scale, b-bit zero per group
+        return leaf.bits + (16 + leaf.bits) / leaf.group_size
+    if isinstance(leaf, LowRankCompensated):
+        return convention_bits(leaf.base) + array_bits(leaf.a, leaf.b) / leaf.size
+    return leaf.bits_per_weight
+
+
+def _recipes(ex: QuantPPLConfig, seed: int) -> dict:
+    """name → recipe on the attention and MLP kernels."""
+    kw = dict(group_rule="divisor", symmetric=False, where=LINEAR_KERNELS)
+    out = {f"rtn{b}": rtn_recipe(b, group_size=ex.group_size, **kw) for b in ex.rtn_bits}
+    out.update({f"gptq{b}": gptq_recipe(b, group_size=ex.group_size, **kw) for b in ex.gptq_bits})
+    small = f"gptq{ex.spqr_bits}_g{ex.gptq_small_group}"
+    out[small] = gptq_recipe(ex.spqr_bits, group_size=ex.gptq_small_group, **kw)
+    out[f"spqr{ex.spqr_bits}"] = spqr_recipe(
+        ex.spqr_bits,
+        group_size=ex.spqr_group_size,
+        outlier_threshold=ex.spqr_outlier_threshold,
+        where=LINEAR_KERNELS,
+    )
+    out["vptq"] = vptq_recipe(
+        vector_len=ex.vptq_vector_len,
+        num_centroids=ex.vptq_centroids,
+        num_res_centroids=ex.vptq_res_centroids,
+        kmeans_iters=ex.kmeans_iters,
+        seed=seed,
+        where=LINEAR_KERNELS,
+    )
     return out
 
 
-@register("quant_ppl", QuantPPLConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, QuantPPLConfig, SMOKE)
-    res = Results("quant_ppl", cfg.seed)
-    key = jax.random.key(cfg.seed)
+def _low_rank(compensation, qtree, kernels, H, rank: int):
+    """`qtree` with each kernel's error compensated by a rank-r fp16 correction (EoRA's
+    `eora_recipe` container, built on the already quantized kernels)."""
+
+    def one(path, leaf):
+        delta = kernels[path] - leaf.dequantize()
+        comp = (
+            compensation(delta, H[path], rank=rank)
+            if H is not None
+            else compensation(delta, rank=rank)
+        )
+        return LowRankCompensated(leaf, comp.a.astype(jnp.float16), comp.b.astype(jnp.float16))
+
+    return map_matching(one, qtree, LINEAR_KERNELS)
+
+
+@harness.replication("quant_ppl", QuantPPLConfig)
+def run(ex: QuantPPLConfig, ctx: harness.Context) -> None:
+    res = ctx
     model, params, corpus, lm_ex = load_lm(ex)
     calib = consecutive_windows(corpus.train, ex.calib_windows, ex.calib_len)
     val = corpus.validation
@@ -178,52 +189,53 @@ def run(cfg, out_dir: Path) -> Results:
     res.metric("float.ppl", ppl["float"])
     res.metric("float.bits", 16.0)
 
-    def record(name, qs, bits, seconds):
-        ppl[name] = res.metric(f"{name}.ppl", math.exp(nll(with_kernels(params, qs))))
-        res.metric(f"{name}.bits", bits / n_weights)
-        errs = [rel_layer_error(kernels[p], qs[p], H_test[p]) for p in paths]
-        res.metric(f"{name}.layer_error", float(np.mean(errs)))
+    def layer_error(deq) -> float:
+        flat_deq = traverse_util.flatten_dict(deq, sep="/")
+        return float(np.mean([rel_layer_error(kernels[p], flat_deq[p], H_test[p]) for p in paths]))
+
+    def record(name, qtree, seconds):
+        deq = dequantize_tree(qtree)
+        ppl[name] = res.metric(f"{name}.ppl", math.exp(nll(deq)))
+        leaves = traverse_util.flatten_dict(qtree, sep="/")
+        bits = sum(convention_bits(leaves[p]) * kernels[p].size for p in paths) / n_weights
+        res.metric(f"{name}.bits", bits)
+        res.metric(f"{name}.storage_bits", tree_bits_per_weight(qtree))
+        err = res.metric(f"{name}.layer_error", layer_error(deq))
         res.metric(f"{name}.seconds", seconds)
         print(
-            f"{name:>12}: ppl {ppl[name]:.4f}  bits {bits / n_weights:.3f}  "
-            f"layer err {np.mean(errs):.2e}  ({seconds:.1f} s)",
+            f"{name:>12}: ppl {ppl[name]:.4f}  bits {bits:.3f}  layer err {err:.2e}  "
+            f"({seconds:.1f} s)",
             flush=True,
         )
 
     t0 = time.perf_counter()
-    methods = _methods(ex, kernels, H, key)
+    methods = {name: recipe(params, H) for name, recipe in _recipes(ex, ctx.seed).items()}
     res.metric("quantize_seconds", time.perf_counter() - t0)
-    for name, (qs, bits) in methods.items():
-        record(name, qs, bits, 0.0)
+    for name, qtree in methods.items():
+        record(name, qtree, 0.0)
     r = ex.eora_rank
     for name in ex.eora_methods:
-        qs, bits = methods[name]
         t0 = time.perf_counter()
-        comp = {p: _eora(kernels[p] - qs[p], H[p], rank=r) for p in paths}
-        extra = sum(16 * r * sum(kernels[p].shape) for p in paths)
-        fixed = {p: qs[p] + comp[p].a @ comp[p].b for p in paths}
-        record(f"{name}+eora", fixed, bits + extra, time.perf_counter() - t0)
-        svd = {p: _svd(kernels[p] - qs[p], rank=r) for p in paths}
-        svd_err = [
-            rel_layer_error(kernels[p], qs[p] + svd[p].a @ svd[p].b, H_test[p]) for p in paths
-        ]
-        res.metric(f"{name}+svd.layer_error", float(np.mean(svd_err)))
+        fixed = _low_rank(_eora, methods[name], kernels, H, r)
+        record(f"{name}+eora", fixed, time.perf_counter() - t0)
+        svd = dequantize_tree(_low_rank(_svd, methods[name], kernels, None, r))
+        res.metric(f"{name}+svd.layer_error", layer_error(svd))
         res.claim(f"EoRA lowers {name} perplexity", ppl[f"{name}+eora"], ppl[name])
         res.claim(
             f"EoRA {name} held-out layer error < SVD compensation's (rank {r})",
-            res.metrics[f"{name}+eora.layer_error"],
-            res.metrics[f"{name}+svd.layer_error"],
+            ctx.results.metrics[f"{name}+eora.layer_error"],
+            ctx.results.metrics[f"{name}+svd.layer_error"],
         )
     for b in ex.gptq_bits:
         if b in ex.rtn_bits and b in (3, 4):
             res.claim(f"GPTQ-W{b} perplexity < RTN-W{b}", ppl[f"gptq{b}"], ppl[f"rtn{b}"])
     sp = f"spqr{ex.spqr_bits}"
-    sp_bits = res.metrics[f"{sp}.bits"]
+    sp_bits = ctx.results.metrics[f"{sp}.bits"]
     gptqs = [m for m in methods if m.startswith("gptq")]
-    cmp = [m for m in gptqs if res.metrics[f"{m}.bits"] >= sp_bits]
+    cmp = [m for m in gptqs if ctx.results.metrics[f"{m}.bits"] >= sp_bits]
     if cmp:
-        ref = min(cmp, key=lambda m: res.metrics[f"{m}.bits"])
-        ref_bits = res.metrics[f"{ref}.bits"]
+        ref = min(cmp, key=lambda m: ctx.results.metrics[f"{m}.bits"])
+        ref_bits = ctx.results.metrics[f"{ref}.bits"]
         # The GPTQ configuration with the fewest bits among those with at least SpQR's bits.
         res.claim(
             f"SpQR ({sp_bits:.2f} bits) perplexity <= {ref} ({ref_bits:.2f} bits)",
@@ -232,7 +244,7 @@ def run(cfg, out_dir: Path) -> Results:
             "<=",
         )
     small = f"gptq{ex.spqr_bits}_g{ex.gptq_small_group}"
-    small_bits = res.metrics[f"{small}.bits"]
+    small_bits = ctx.results.metrics[f"{small}.bits"]
     res.claim(
         f"SpQR perplexity < {small} (GPTQ in SpQR's groups, {small_bits:.2f} bits)",
         ppl[sp],
@@ -246,20 +258,17 @@ def run(cfg, out_dir: Path) -> Results:
     if 2 in ex.rtn_bits:
         res.claim("VPTQ perplexity < RTN-W2", ppl["vptq"], ppl["rtn2"])
         res.claim(
-            "VPTQ bits <= RTN-W2 bits", res.metrics["vptq.bits"], res.metrics["rtn2.bits"], "<="
+            "VPTQ bits <= RTN-W2 bits",
+            ctx.results.metrics["vptq.bits"],
+            ctx.results.metrics["rtn2.bits"],
+            "<=",
         )
-    res.figures.append(_plot(res.metrics, out_dir))
-    return res
+    with ctx.figure("quant_ppl.png", figsize=(6.5, 4.5)) as (fig, axes):
+        _draw(ctx.results.metrics, axes[0, 0])
 
 
-def _plot(m: dict, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(m: dict, ax) -> None:
     names = sorted({k.rsplit(".", 1)[0] for k in m if k.endswith(".ppl")} - {"float"})
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for n in names:
         ax.scatter(m[f"{n}.bits"], m[f"{n}.ppl"], marker="s" if "eora" in n else "o")
         ax.annotate(n, (m[f"{n}.bits"], m[f"{n}.ppl"]), fontsize=7)
@@ -268,9 +277,3 @@ def _plot(m: dict, out_dir: Path) -> str:
     ax.set_xlabel("average bits per quantized weight")
     ax.set_ylabel("validation perplexity")
     ax.legend()
-    fig.tight_layout()
-    path = Path(out_dir) / "quant_ppl.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
