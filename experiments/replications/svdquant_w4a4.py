@@ -18,7 +18,10 @@ activations per token × 64 channels; the group is the largest divisor of d_in �
 
 Activation maxima come from calibration windows of the training split; the reported layer error
 ‖Ŷ − XW‖² / ‖XW‖² (mean over kernels) uses held-out validation windows; the perplexity runs the
-whole model with every Dense call replaced by its W4A4 version (a Flax method interceptor).
+whole model with every Dense call served by its W4A4 container (`compressed_apply`). The
+methods are `feynkit.compression.quant` recipes (`smoothquant_recipe` with and without
+smoothing, `svdquant_recipe`); ``<method>.storage_bits`` is the protocol's storage count
+(`tree_bits_per_weight`: 4-bit codes, float32 scales and smoothing factors, the bf16 branch).
 
 References: Li, Lin et al. (2025) SVDQuant; Xiao et al. (2023) SmoothQuant.
 """
@@ -28,56 +31,58 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
+from omegaconf import MISSING
 
-from feynkit.compression.quant.calibration import collect_linear_inputs
-from feynkit.compression.quant.smoothquant import (
-    activation_absmax,
-    smoothquant_apply,
-    smoothquant_linear,
+from feynkit.compression.quant import (
+    LINEAR_KERNELS,
+    compressed_apply,
+    match_paths,
+    smoothquant_recipe,
+    svdquant_recipe,
+    tree_bits_per_weight,
 )
-from feynkit.compression.quant.svdquant import svdquant_apply, svdquant_linear
-from feynkit.compression.quant.tree import LINEAR_KERNELS, match_paths
-from feynkit.experiments import train as tr
-from feynkit.experiments.evaluation import (
-    consecutive_windows,
-    group_for,
-    mean_token_nll,
-    scoring_windows,
-)
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
+from feynkit.compression.quant.calibration import Calibration, collect_linear_inputs
+from feynkit.compression.quant.smoothquant import activation_absmax
+from feynkit.experiments import harness
+from feynkit.experiments.evaluation import consecutive_windows, mean_token_nll, scoring_windows
 from feynkit.experiments.zoo import load_lm
 
 
 @dataclasses.dataclass
-class SVDQuantW4A4Config:
-    name: str = "svdquant_w4a4"
-    cache_dir: str | None = None
-    lm_smoke: bool = False
-    num_outliers: int = 4  # outlier channels per kernel input
-    outlier_scale: float = 30.0
-    calib_windows: int = 32
-    heldout_windows: int = 16
-    calib_len: int = 128
-    eval_tokens: int = 16384
-    bits: int = 4
-    group_size: int = 64
-    alpha: float = 0.5
-    rank: int = 32
-    max_error_ratio: float = 0.5  # claim: SVDQuant error < this × min(plain, SmoothQuant)
+class SVDQuantW4A4Config(harness.ReplicationConfig):
+    """Schema of `configs/experiment/svdquant_w4a4.yaml` (the values live there)."""
 
+    cache_dir: str | None = MISSING
+    lm_smoke: bool = MISSING
+    num_outliers: int = MISSING  # outlier channels per kernel input
+    outlier_scale: float = MISSING
+    calib_windows: int = MISSING
+    heldout_windows: int = MISSING
+    calib_len: int = MISSING
+    eval_tokens: int = MISSING
+    bits: int = MISSING
+    group_size: int = MISSING
+    alpha: float = MISSING
+    rank: int = MISSING
+    max_error_ratio: float = MISSING  # claim: SVDQuant error < this × min(plain, SmoothQuant)
 
-SMOKE = dict(
-    lm_smoke=True, calib_windows=8, heldout_windows=4, calib_len=32, eval_tokens=2048,
-    group_size=16, rank=8, max_error_ratio=1.0,
-)  # fmt: skip
+    def __post_init__(self):
+        for key in ("num_outliers", "calib_windows", "heldout_windows", "calib_len", "rank"):
+            harness.require(getattr(self, key) >= 1, key, "must be >= 1.")
+        harness.require(
+            self.outlier_scale > 0, "outlier_scale", f"must be > 0, got {self.outlier_scale}."
+        )
+        harness.require(2 <= self.bits <= 8, "bits", f"must lie in 2..8, got {self.bits}.")
+        harness.require(
+            0 <= self.alpha <= 1,
+            "alpha",
+            f"(migration strength) must lie in [0, 1], got {self.alpha}.",
+        )
 
 
 def inject_outliers(params, seed: int, num: int, scale: float):
@@ -106,33 +111,29 @@ def inject_outliers(params, seed: int, num: int, scale: float):
     return traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()}, sep="/")
 
 
-def replaced_forward(model, apply_fn):
-    """jitted (layers, params, tokens) ↦ logits with each selected Dense computed by apply_fn."""
-
-    @jax.jit
-    def forward(layers, params, tokens):
-        def interceptor(next_fun, args, kwargs, context):
-            path = "/".join(context.module.path) + "/kernel"
-            if context.method_name == "__call__" and path in layers:
-                return apply_fn(layers[path], args[0])
-            return next_fun(*args, **kwargs)
-
-        with nn.intercept_methods(interceptor):
-            return model.forward(params, tokens)
-
-    return forward
-
-
 def _nll(logits, w) -> float:
     return float(mean_token_nll(logits, w[:, 1:]))
 
 
-@register("svdquant_w4a4", SVDQuantW4A4Config)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, SVDQuantW4A4Config, SMOKE)
-    res = Results("svdquant_w4a4", cfg.seed)
+def _recipes(ex: SVDQuantW4A4Config) -> dict:
+    """W4A4 recipes on the attention and MLP kernels (groups: largest divisor ≤ group_size)."""
+    gs, kw = ex.group_size, dict(group_rule="divisor", where=LINEAR_KERNELS)
+    smooth = dict(w_bits=ex.bits, a_bits=ex.bits, alpha=ex.alpha, w_group_size=gs, a_group_size=gs)
+    return {
+        "plain": smoothquant_recipe(**smooth, smooth=False, **kw),
+        "smoothquant": smoothquant_recipe(**smooth, **kw),
+        "svdquant": svdquant_recipe(
+            rank=ex.rank, bits=ex.bits, group_size=gs, alpha=ex.alpha, a_bits=ex.bits,
+            a_group_size=gs, **kw,
+        ),
+    }  # fmt: skip
+
+
+@harness.replication("svdquant_w4a4", SVDQuantW4A4Config)
+def run(ex: SVDQuantW4A4Config, ctx: harness.Context) -> None:
+    res = ctx
     model, params0, corpus, lm_ex = load_lm(ex)
-    params = inject_outliers(params0, cfg.seed, ex.num_outliers, ex.outlier_scale)
+    params = inject_outliers(params0, ctx.seed, ex.num_outliers, ex.outlier_scale)
     paths = match_paths(params, LINEAR_KERNELS)
     flat = traverse_util.flatten_dict(params, sep="/")
     calib = consecutive_windows(corpus.train, ex.calib_windows, ex.calib_len)
@@ -144,6 +145,7 @@ def run(cfg, out_dir: Path) -> Results:
     absmax = {p: activation_absmax(xs[p]) for p in paths}
     ratio = [float(jnp.max(a) / jnp.median(a)) for a in absmax.values()]
     res.metric("activation_max_over_median", float(np.mean(ratio)))
+    stats = Calibration(hessians={}, absmax=absmax, num_samples=int(calib.shape[0]))
 
     n_win = ex.eval_tokens // lm_ex.seq_len
     w_eval = jnp.asarray(scoring_windows(corpus.validation, lm_ex.seq_len, n_win))
@@ -154,31 +156,21 @@ def run(cfg, out_dir: Path) -> Results:
     for k, v in ppl.items():
         res.metric(f"{k}.ppl", v)
 
-    def build(method, p):
-        w = jnp.asarray(flat[p], jnp.float32)
-        g = group_for(w.shape[0], ex.group_size)
-        kw = dict(w_bits=ex.bits, a_bits=ex.bits, w_group_size=g, a_group_size=g, alpha=ex.alpha)
-        if method == "plain":
-            return smoothquant_linear(w, None, **kw)
-        if method == "smoothquant":
-            return smoothquant_linear(w, absmax[p], **kw)
-        return svdquant_linear(
-            w, absmax[p], ex.rank, ex.bits, g, ex.alpha, a_bits=ex.bits, a_group_size=g
-        )
-
+    forward = jax.jit(compressed_apply(model.forward))
     errors = {}
-    for method in ("plain", "smoothquant", "svdquant"):
-        apply_fn = svdquant_apply if method == "svdquant" else smoothquant_apply
-        layers = {p: build(method, p) for p in paths}
+    for method, recipe in _recipes(ex).items():
+        qparams = recipe(params, stats)
+        leaves = traverse_util.flatten_dict(qparams, sep="/")
         errs = []
         for p in paths:
             y = xt[p] @ jnp.asarray(flat[p], jnp.float32)
-            e = apply_fn(layers[p], xt[p]) - y
+            e = leaves[p].matmul(xt[p]) - y
             errs.append(float(jnp.sum(e * e) / jnp.sum(y * y)))
             res.metric(f"{method}.layer_error.{p}", errs[-1])
         errors[method] = res.metric(f"{method}.layer_error", float(np.mean(errs)))
-        logits = replaced_forward(model, apply_fn)(layers, params, w_eval[:, :-1])
+        logits = forward(qparams, w_eval[:, :-1])
         ppl[method] = res.metric(f"{method}.ppl", math.exp(_nll(logits, w_eval)))
+        res.metric(f"{method}.storage_bits", tree_bits_per_weight(qparams))
         print(f"{method:>12}: layer err {errors[method]:.3e}  ppl {ppl[method]:.4f}", flush=True)
 
     res.claim(
@@ -197,18 +189,12 @@ def run(cfg, out_dir: Path) -> Results:
         ppl["svdquant"],
         min(ppl["plain"], ppl["smoothquant"]),
     )
-    res.figures.append(_plot(errors, ppl, out_dir))
-    return res
+    with ctx.figure("svdquant_w4a4.png", 1, 2, figsize=(8, 3.5)) as (fig, axes):
+        _draw(errors, ppl, fig, axes[0])
 
 
-def _plot(errors, ppl, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _draw(errors, ppl, fig, axes) -> None:
     names = list(errors)
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
     axes[0].bar(names, [errors[n] for n in names])
     axes[0].set_yscale("log")
     axes[0].set_ylabel("held-out relative layer error")
@@ -217,9 +203,3 @@ def _plot(errors, ppl, out_dir: Path) -> str:
     axes[1].set_ylabel("validation perplexity")
     axes[1].legend()
     fig.suptitle("W4A4 with injected activation outliers")
-    fig.tight_layout()
-    path = Path(out_dir) / "svdquant_w4a4.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
