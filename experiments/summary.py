@@ -65,7 +65,7 @@ def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "metrics": res.get("metrics", {}),
                 "claims_held": sum(bool(c.get("holds")) for c in claims),
                 "claims": len(claims),
-                "wall_seconds": res.get("wall_seconds", float("nan")),
+                "job_seconds": res.get("wall_seconds", float("nan")),
             }
         )
     return jobs
@@ -90,7 +90,7 @@ def write_summary(
     for j in jobs:
         names += [k for k in j["metrics"] if k not in names]
     common = [k for k in names if all(k in j["metrics"] for j in jobs)]
-    head = ["job", "overrides", "experiment", "claims_held", "claims", "wall_seconds"]
+    head = ["job", "overrides", "experiment", "claims_held", "claims", "job_seconds"]
     out = {"csv": sweep_dir / "summary.csv", "md": sweep_dir / "summary.md"}
     with out["csv"].open("w", newline="") as f:
         w = csv.writer(f)

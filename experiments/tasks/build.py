@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,8 +64,59 @@ def _instantiate(node: DictConfig, **call_kwargs: Any) -> Any:
     return instantiate(clean, _partial_=True, _convert_="all")(**kwargs)
 
 
+DATA_KINDS = {
+    "gaussian_mixture_2d": "points2d",
+    "two_moons": "points2d",
+    "checkerboard": "points2d",
+    "load_digits_split": "digits",
+    "load_stdlib_corpus": "bytes",
+}
+
+
 def build_model(cfg: DictConfig, seed: int, smoke: bool) -> ModelBundle:
-    return _instantiate(cfg.model, seed=seed, smoke=smoke)
+    """The model bundle of ``cfg.model``; a ``data`` option other than auto replaces the data
+    its metrics compare with (reference samples, the held-out corpus)."""
+    bundle = _instantiate(cfg.model, seed=seed, smoke=smoke)
+    data = cfg.get("data")
+    if data is None or is_none(data):
+        return bundle
+    kind = DATA_KINDS[target_name(data)]
+    if kind == "bytes":
+        bundle.extras["corpus"] = _instantiate(data)
+    elif kind == "digits":
+        split = _instantiate(data)
+        bundle.reference = _labelled_reference(
+            lambda key, n: _rows(key, n, split.x_test, split.y_test)
+        )
+    else:
+        gen = _instantiate(data)
+        bundle.reference = _labelled_reference(gen)
+    return bundle
+
+
+def _rows(key, n, x, y):
+    idx = jax.random.choice(key, len(y), (n,), replace=n > len(y))
+    return jnp.asarray(x)[idx], jnp.asarray(y)[idx]
+
+
+def _labelled_reference(draw):
+    """``reference(key, n, labels=None)`` from ``draw(key, n) -> (x, labels)``: with labels,
+    rows of a larger draw with those labels (in order)."""
+
+    def reference(key, n, labels=None):
+        if labels is None:
+            return draw(key, n)
+        labels = np.asarray(labels)
+        pool_x, pool_y = (np.asarray(a) for a in draw(key, 8 * len(labels) + 64))
+        out = np.zeros((len(labels), *pool_x.shape[1:]), pool_x.dtype)
+        for c in np.unique(labels):
+            rows, want = pool_x[pool_y == c], np.nonzero(labels == c)[0]
+            if len(rows) == 0:
+                raise ValueError(f"the data option has no samples of class {c}.")
+            out[want] = rows[np.arange(len(want)) % len(rows)]
+        return jnp.asarray(out), jnp.asarray(labels)
+
+    return reference
 
 
 def build_solver(cfg: DictConfig, bundle: ModelBundle):

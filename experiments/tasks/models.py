@@ -91,12 +91,15 @@ def model_option(
     analytic: bool = False,
     classifier: bool = False,
     experts: bool = False,
+    data: str | None = None,
     config_class: type | None = None,
 ):
-    """Mark a builder with what its model can do (read by `validate_combination`)."""
+    """Mark a builder with what its model can do (read by `validate_combination`); `data` is
+    the kind of ``data/`` option its metrics can use ("points2d", "digits", "bytes")."""
 
     def deco(fn):
         fn.kind = kind
+        fn.data_kind = data
         fn.analytic = analytic
         fn.has_classifier = classifier
         fn.has_experts = experts
@@ -159,7 +162,7 @@ def _mixture_eps(target: MixtureTarget, schedule: Any):
     return apply_fn
 
 
-@model_option("diffusion", analytic=True, classifier=True, experts=True)
+@model_option("diffusion", analytic=True, classifier=True, experts=True, data="points2d")
 def gaussian_mixture(
     *,
     dim: int = 2,
@@ -265,7 +268,7 @@ def _toy_config_class():
     return _zoo().ToyModelConfig
 
 
-@model_option("diffusion", classifier=False)
+@model_option("diffusion", data="points2d")
 def toy_mlp(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
     """The class-conditional ScoreMLP of `zoo.trained_toy_model` (trained once, cached)."""
     zoo = _zoo()
@@ -305,7 +308,7 @@ def toy_mlp(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle
     )
 
 
-@model_option("diffusion", classifier=True)
+@model_option("diffusion", classifier=True, data="digits")
 def digits_unet(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
     """The digits UNet and noise-aware classifier of `zoo.trained_digits_models`."""
     zoo = _zoo()
@@ -359,7 +362,7 @@ def _diffusion_calibration(x_shape: tuple[int, ...], num_classes: int):
     return inputs
 
 
-@model_option("lm")
+@model_option("lm", data="bytes")
 def byte_lm(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
     """The byte-level TransformerLM of `zoo.trained_lm` and its corpus."""
     zoo = _zoo()
@@ -388,7 +391,7 @@ def byte_lm(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle
     )
 
 
-@model_option("vae")
+@model_option("vae", data="digits")
 def vae(*, seed: int = 0, smoke: bool = False, **fields: Any) -> ModelBundle:
     """The Bernoulli VAE of `zoo.trained_vae` on binarised digits."""
     zoo = _zoo()

@@ -120,6 +120,19 @@ def validate_combination(cfg: DictConfig) -> None:
     builder = import_target(cfg.model._target_)
     kind = getattr(builder, "kind", None)
     model = opt["model"]
+    data = cfg.get("data")
+    if data is not None and _name(data) is not None:
+        from feynkit.experiments.tasks.build import DATA_KINDS
+
+        want = getattr(builder, "data_kind", None)
+        if builder.__name__ == "gaussian_mixture" and int(cfg.model.get("dim", 2)) != 2:
+            want = None
+        have = DATA_KINDS.get(_name(data))
+        if have != want:
+            raise ValueError(
+                f"data={opt['data']} holds {have} data, and model={model} is compared with "
+                f"{want or 'its own target only'}: use data=auto or data of the model's kind."
+            )
     if task == "sample" and kind != "diffusion":
         raise ValueError(
             f"task=sample samples diffusion models; model={model} is a {kind} model "

@@ -197,6 +197,8 @@ BAD = [
     ),
     (("guidance=cfg", "corrector=fkc_anneal"), r"fkc_anneal supplies its own drift"),
     (("model=byte_lm",), r"task=sample samples diffusion models; model=byte_lm"),
+    (("data=digits",), r"data=digits holds digits data, and model=gmm2d is compared with points"),
+    (("model=gmm8d", "data=two_moons"), r"model=gmm8d is compared with its own target only"),
 ]
 
 

@@ -73,7 +73,7 @@ def test_sample_cfg_with_fkc_cfg(tmp_path):
     [
         ("solver=euler_maruyama", "corrector=fkc_product"),
         ("corrector=fk_steering",),
-        ("solver=heun", "guidance=apg", "guidance.scale=5"),
+        ("solver=heun", "guidance=apg", "guidance.scale=5", "data=gmm8_circle"),
         ("guidance=classifier",),
         ("solver=ddim", "guidance=linear_ag"),
         ("model=gmm8d", "solver=dpm_solver_pp_2m", "guidance=adaptive"),
@@ -125,6 +125,7 @@ def test_compress_byte_lm_gptq_command(tmp_path):
     assert m["perplexity.compressed"] > 0.9 * m["perplexity.float"]
 
 
+@pytest.mark.slow
 def test_train_toy_model(tmp_path):
     res = run_task(tmp_path, "task=train", "model=toy_mlp")
     m = res["metrics"]
@@ -132,6 +133,7 @@ def test_train_toy_model(tmp_path):
     assert (tmp_path / "checkpoints" / "toy_mlp").is_dir()
 
 
+@pytest.mark.slow
 def test_compress_toy_model_rtn(tmp_path):
     res = run_task(tmp_path, "task=compress", "model=toy_mlp", "quant=rtn", "quant.bits=4")
     m = res["metrics"]
