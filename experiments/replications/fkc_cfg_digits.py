@@ -23,18 +23,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
-from feynkit.core import LinearSchedule, get_resampler, systematic_resample
+from feynkit.core import RESAMPLERS, LinearSchedule, get_resampler, systematic_resample
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import load_digits_split
 from feynkit.experiments.metrics import frechet_distance_gaussians
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
 from feynkit.experiments.zoo import digits_judge, trained_digits_models
 from feynkit.inference import smc
@@ -44,19 +43,40 @@ DIM = 64
 
 
 @dataclasses.dataclass
-class FKCCFGDigitsConfig:
-    name: str = "fkc_cfg_digits"
-    guidance_weights: list[float] = dataclasses.field(default_factory=lambda: [1.5, 3.0])
-    classes: list[int] = dataclasses.field(default_factory=lambda: [0, 3, 5, 8])
-    particles: int = 256  # per class
-    num_steps: int = 150
-    t_min: float = 1e-2  # the weight rate grows like 1/σ_t² near t = 0
-    ess_threshold: float = 0.5
-    resampler: str = "systematic"
-    improvement: float = 1.0  # claim: naive FD / FKC FD > this
+class FKCCFGDigitsConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/fkc_cfg_digits.yaml` (the values live there)."""
 
+    guidance_weights: list[float] = MISSING
+    classes: list[int] = MISSING
+    particles: int = MISSING  # per class
+    num_steps: int = MISSING
+    t_min: float = MISSING  # the weight rate grows like 1/σ_t² near t = 0
+    ess_threshold: float = MISSING
+    resampler: str = MISSING
+    improvement: float = MISSING  # claim: naive FD / FKC FD > this
 
-SMOKE = dict(guidance_weights=[2.0], classes=[0, 1], particles=16, num_steps=20, improvement=-1.0)
+    def __post_init__(self):
+        for c in self.classes:
+            harness.require(
+                0 <= c < NUM_CLASSES, "classes", f"must lie in 0..{NUM_CLASSES - 1}, got {c}."
+            )
+        harness.require(
+            bool(self.guidance_weights) and min(self.guidance_weights) > 1.0,
+            "guidance_weights",
+            f"must be > 1 (1 is unguided), got {list(self.guidance_weights)}.",
+        )
+        harness.require(self.particles >= 1, "particles", f"must be ≥ 1, got {self.particles}.")
+        harness.require(0.0 < self.t_min < 1.0, "t_min", f"must lie in (0, 1), got {self.t_min}.")
+        harness.require(
+            0.0 <= self.ess_threshold <= 1.0,
+            "ess_threshold",
+            f"is a fraction of the particles, in [0, 1]; got {self.ess_threshold}.",
+        )
+        harness.require(
+            self.resampler in RESAMPLERS,
+            "resampler",
+            f"must be one of {sorted(RESAMPLERS)}, got {self.resampler!r}.",
+        )
 
 
 def weighted_moments(feats: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,44 +144,35 @@ def reference_moments(judge, split, classes, w: float):
     return (*weighted_moments(f_real, ref_w), 1.0 / np.sum(ref_w[sel] ** 2) / sel.sum())
 
 
-def _evaluate(res, prefix, judge, ex, x, w_particles, ref):
+def _evaluate(ctx, prefix, judge, ex, x, w_particles, ref):
     labels = np.repeat(np.asarray(ex.classes), ex.particles)
     feats, logits = map(np.asarray, judge(x))
     logp = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
     # FKC's particles carry their final weights (resampling them would only add noise).
     mu, cov = weighted_moments(feats, w_particles)
-    fd = res.metric(f"{prefix}.fd_to_reference", frechet_distance_gaussians(mu, cov, *ref[:2]))
-    res.metric(f"{prefix}.class_accuracy", w_particles @ (np.argmax(logits, -1) == labels))
-    res.metric(f"{prefix}.mean_log_p_class", w_particles @ logp[np.arange(len(labels)), labels])
+    fd = ctx.metric(f"{prefix}.fd_to_reference", frechet_distance_gaussians(mu, cov, *ref[:2]))
+    ctx.metric(f"{prefix}.class_accuracy", w_particles @ (np.argmax(logits, -1) == labels))
+    ctx.metric(f"{prefix}.mean_log_p_class", w_particles @ logp[np.arange(len(labels)), labels])
     saturated = np.mean(np.abs(np.asarray(x)) >= 1.0, axis=(1, 2, 3))
-    res.metric(f"{prefix}.saturated_pixel_fraction", w_particles @ saturated)
+    ctx.metric(f"{prefix}.saturated_pixel_fraction", w_particles @ saturated)
     return fd
 
 
-@register("fkc_cfg_digits", FKCCFGDigitsConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, FKCCFGDigitsConfig, SMOKE)
-    for c in ex.classes:
-        if not 0 <= c < NUM_CLASSES:
-            raise ValueError(f"experiment.classes must lie in 0..{NUM_CLASSES - 1}, got {c}.")
-    if not ex.guidance_weights or min(ex.guidance_weights) <= 1.0:
-        raise ValueError(
-            f"experiment.guidance_weights must be > 1 (1 is unguided), got {ex.guidance_weights}."
-        )
+@harness.replication("fkc_cfg_digits", FKCCFGDigitsConfig)
+def run(ex: FKCCFGDigitsConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("fkc_cfg_digits", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    key = ctx.key
     schedule = LinearSchedule()
     split = load_digits_split()
-    (unet, classifier), cached = trained_digits_models(seed=cfg.seed, split=split, smoke=cfg.smoke)
-    res.metric("cache_hit", float(all(c.hit for c in cached.values())))
+    (unet, classifier), cached = trained_digits_models(seed=ctx.seed, split=split, smoke=ctx.smoke)
+    ctx.metric("cache_hit", float(all(c.hit for c in cached.values())))
     judge = digits_judge(classifier, cached["classifier"].params)
     resample_fn = get_resampler(ex.resampler)
     rows = []
     for gw in ex.guidance_weights:
         sampler = _sampler(unet, cached["unet"].params, schedule, ex, gw, resample_fn)
         ref = reference_moments(judge, split, ex.classes, gw)
-        res.metric(f"w{gw:g}.reference_ess_fraction", ref[2])
+        ctx.metric(f"w{gw:g}.reference_ess_fraction", ref[2])
         fds = {}
         for method, weighted in (("fkc", True), ("naive_cfg", False)):
             prefix = f"w{gw:g}.{method}"
@@ -174,35 +185,25 @@ def run(cfg, out_dir: Path) -> Results:
                 resamples.append(int(out[2]))
                 ess.append(float(out[3]))
             x = jnp.concatenate(xs)
-            fds[method] = _evaluate(res, prefix, judge, ex, x, np.concatenate(ws), ref)
-            res.metric(f"{prefix}.seconds", time.perf_counter() - t0)
+            fds[method] = _evaluate(ctx, prefix, judge, ex, x, np.concatenate(ws), ref)
+            ctx.metric(f"{prefix}.seconds", time.perf_counter() - t0)
             if weighted:
-                res.metric(f"{prefix}.resamples_per_run", float(np.mean(resamples)))
-                res.metric(f"{prefix}.final_ess_fraction", float(np.mean(ess)))
+                ctx.metric(f"{prefix}.resamples_per_run", float(np.mean(resamples)))
+                ctx.metric(f"{prefix}.final_ess_fraction", float(np.mean(ess)))
             first = np.asarray(systematic_resample(jax.random.fold_in(key, 99), np.log(ws[0]), 8))
             rows.append((f"w={gw:g} {method}", fds[method], np.asarray(xs[0])[first]))
-        res.claim(
+        ctx.claim(
             f"w={gw:g}: FD to π_w, fkc < naive CFG / {ex.improvement:g}",
             fds["fkc"],
             fds["naive_cfg"] / ex.improvement,
         )
-    res.figures.append(_plot(rows, ex, out_dir))
-    return res
+    size = (5, 0.9 * len(rows) + 0.5)
+    with ctx.figure("fkc_cfg_digits.png", len(rows), 1, figsize=size) as (fig, axes):
+        _draw(axes[:, 0], rows, ex)
 
 
-def _plot(rows, ex: FKCCFGDigitsConfig, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(rows), 1, figsize=(5, 0.9 * len(rows) + 0.5), squeeze=False)
-    for ax, (title, fd, x) in zip(axes[:, 0], rows, strict=True):
+def _draw(axes, rows, ex: FKCCFGDigitsConfig) -> None:
+    for ax, (title, fd, x) in zip(axes, rows, strict=True):
         ax.imshow(x[..., 0].transpose(1, 0, 2).reshape(8, -1), cmap="gray_r", vmin=-1, vmax=1)
         ax.set_title(f"{title}: FD {fd:.2f} (class {ex.classes[0]})", fontsize=8)
         ax.axis("off")
-    fig.tight_layout()
-    path = Path(out_dir) / "fkc_cfg_digits.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

@@ -19,34 +19,46 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
 from feynkit.core.schedules import RectifiedFlowSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import circle_centers
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
-from feynkit.experiments.zoo import trained_toy_model
+from feynkit.experiments.zoo import ToyModelConfig, trained_toy_model
 from feynkit.inference import diffusion as dif
 from feynkit.inference import smc
 from feynkit.inference.diffusion.scaling import convert_interpolant, rollover_budget_forcing
 
 
 @dataclasses.dataclass
-class FlowScalingConfig:
-    name: str = "flow_scaling"
-    num_chains: int = 256  # independent "prompts", each with its own budget
-    num_steps: int = 20
-    budgets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8])  # × one run
-    target_mode: int = 2
-    t_min: float = 1e-3
+class FlowScalingConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/flow_scaling.yaml` (the values live there)."""
 
+    num_chains: int = MISSING  # independent "prompts", each with its own budget
+    num_steps: int = MISSING
+    budgets: list[int] = MISSING  # × one run
+    target_mode: int = MISSING
+    t_min: float = MISSING
 
-SMOKE = dict(num_chains=8, num_steps=4, budgets=[1, 2])
+    def __post_init__(self):
+        harness.require(
+            bool(self.budgets) and min(self.budgets) >= 1,
+            "budgets",
+            f"are multiples of one run, ≥ 1; got {list(self.budgets)}.",
+        )
+        modes = ToyModelConfig.num_modes
+        harness.require(
+            0 <= self.target_mode < modes,
+            "target_mode",
+            f"names one of the toy model's {modes} modes, 0..{modes - 1}; got {self.target_mode}.",
+        )
+        harness.require(self.num_chains >= 1, "num_chains", f"must be ≥ 1, got {self.num_chains}.")
+        harness.require(self.num_steps >= 1, "num_steps", f"must be ≥ 1, got {self.num_steps}.")
 
 
 def _sampling(ex: FlowScalingConfig, eps_model, num_modes: int):
@@ -126,62 +138,47 @@ def _sampling(ex: FlowScalingConfig, eps_model, num_modes: int):
     return jax.jit(run_all, static_argnums=1)
 
 
-@register("flow_scaling", FlowScalingConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, FlowScalingConfig, SMOKE)
-    if min(ex.budgets) < 1:
-        raise ValueError(f"experiment.budgets are multiples of one run, ≥ 1; got {ex.budgets}.")
+@harness.replication("flow_scaling", FlowScalingConfig)
+def run(ex: FlowScalingConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("flow_scaling", cfg.seed)
-    model, cached = trained_toy_model(seed=cfg.seed, smoke=cfg.smoke)
-    res.metric("cache_hit", float(cached.hit))
+    model, cached = trained_toy_model(seed=ctx.seed, smoke=ctx.smoke)
+    ctx.metric("cache_hit", float(cached.hit))
     null = model.num_classes
 
     def eps_model(x, t):
         return model.forward(cached.params, x, t, jnp.full((x.shape[0],), null, jnp.int32))
 
     run_all = _sampling(ex, eps_model, model.num_classes)
-    key = jax.random.key(cfg.seed)
+    key = ctx.key
     table = {}
     for n in ex.budgets:
         t0 = time.perf_counter()
         rewards, nfe = run_all(jax.random.fold_in(key, n), n)
         for method, r in rewards.items():
-            table[method, n] = res.metric(f"{method}.reward.x{n}", float(jnp.mean(r)))
-        res.metric(f"rbf_sde.mean_nfe.x{n}", float(jnp.mean(nfe)))
-        res.metric(f"seconds.x{n}", time.perf_counter() - t0)
+            table[method, n] = ctx.metric(f"{method}.reward.x{n}", float(jnp.mean(r)))
+        ctx.metric(f"rbf_sde.mean_nfe.x{n}", float(jnp.mean(nfe)))
+        ctx.metric(f"seconds.x{n}", time.perf_counter() - t0)
     lo, hi = ex.budgets[0], ex.budgets[-1]
-    res.claim(
+    ctx.claim(
         f"RBF reward rises from {lo}x to {hi}x budget",
         table["rbf_sde", hi],
         table["rbf_sde", lo],
         ">",
     )
-    res.claim(
+    ctx.claim(
         f"RBF beats best-of-N (flow ODE) at {hi}x budget",
         table["rbf_sde", hi],
         table["best_of_n_ode", hi],
         ">",
     )
-    res.figures.append(_plot(ex, table, out_dir))
-    return res
+    with ctx.figure("flow_scaling.png", figsize=(5, 3.5)) as (fig, axes):
+        _draw(axes[0, 0], ex, table)
 
 
-def _plot(ex, table, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def _draw(ax, ex, table) -> None:
     for method in sorted({m for m, _ in table}):
         ax.plot(ex.budgets, [table[method, n] for n in ex.budgets], "o-", label=method)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluations per chain (× one sampling run)")
     ax.set_ylabel("mean reward −‖x − m‖²")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(out_dir) / "flow_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

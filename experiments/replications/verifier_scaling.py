@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
+from feynkit.experiments import harness
 from feynkit.experiments import train as tr
 from feynkit.experiments.data import load_digits_split
-from feynkit.experiments.replications import register
-from feynkit.experiments.results import Results
 from feynkit.experiments.zoo import DIGITS_NUM_CLASSES as NUM_CLASSES
 from feynkit.experiments.zoo import digits_judge, trained_digits_models
 from feynkit.inference import diffusion as dif
@@ -37,32 +36,27 @@ from feynkit.inference import smc
 
 
 @dataclasses.dataclass
-class VerifierScalingConfig:
-    name: str = "verifier_scaling"
-    pool_size: int = 2000  # unconditional candidates shared by all ten problems
-    sampler_steps: int = 25
-    verifier_t: float = 0.3  # the verifier sees x_v = α x + σ ε at this time
-    budgets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128])
-    num_trials: int = 1000
-    strong_samples_per_class: int = 50
-    steering_particles: list[int] = dataclasses.field(default_factory=lambda: [4, 16])
-    steering_lambda: float = 1.0
-    max_curve_gap: float = 0.03  # claim (1): |empirical − closed form| at every budget
-    ceiling_tolerance: float = 0.03  # claim (2): accuracy at the largest budget vs the ceiling
-    min_perfect_accuracy: float = 0.98  # claim (3): perfect verifier at the largest budget
+class VerifierScalingConfig(harness.ReplicationConfig):
+    """Schema of `configs/experiment/verifier_scaling.yaml` (the values live there)."""
 
+    pool_size: int = MISSING  # unconditional candidates shared by all ten problems
+    sampler_steps: int = MISSING
+    verifier_t: float = MISSING  # the verifier sees x_v = α x + σ ε at this time
+    budgets: list[int] = MISSING
+    num_trials: int = MISSING
+    strong_samples_per_class: int = MISSING
+    steering_particles: list[int] = MISSING
+    steering_lambda: float = MISSING
+    max_curve_gap: float = MISSING  # claim (1): |empirical − closed form| at every budget
+    ceiling_tolerance: float = MISSING  # claim (2): accuracy at the largest budget vs the ceiling
+    min_perfect_accuracy: float = MISSING  # claim (3): perfect verifier at the largest budget
 
-SMOKE = dict(
-    pool_size=200,
-    sampler_steps=5,
-    budgets=[1, 4],
-    num_trials=50,
-    strong_samples_per_class=4,
-    steering_particles=[4],
-    max_curve_gap=1.0,
-    ceiling_tolerance=1.0,
-    min_perfect_accuracy=0.0,
-)
+    def __post_init__(self):
+        harness.require(
+            0.0 < self.verifier_t < 1.0,
+            "verifier_t",
+            f"must lie in (0, 1), got {self.verifier_t}.",
+        )
 
 
 def _verifier(classifier, params, schedule, t_v: float):
@@ -78,18 +72,14 @@ def _verifier(classifier, params, schedule, t_v: float):
     return verify
 
 
-@register("verifier_scaling", VerifierScalingConfig)
-def run(cfg, out_dir: Path) -> Results:
-    ex = tr.experiment_config(cfg, VerifierScalingConfig, SMOKE)
-    if not 0.0 < ex.verifier_t < 1.0:
-        raise ValueError(f"experiment.verifier_t must lie in (0, 1), got {ex.verifier_t}.")
+@harness.replication("verifier_scaling", VerifierScalingConfig)
+def run(ex: VerifierScalingConfig, ctx: harness.Context) -> None:
     tr.quiet_checkpoint_logging()
-    res = Results("verifier_scaling", cfg.seed)
-    key = jax.random.key(cfg.seed)
+    key = ctx.key
     schedule = LinearSchedule()
     split = load_digits_split()
-    (unet, classifier), cached = trained_digits_models(seed=cfg.seed, split=split, smoke=cfg.smoke)
-    res.metric("cache_hit", float(all(c.hit for c in cached.values())))
+    (unet, classifier), cached = trained_digits_models(seed=ctx.seed, split=split, smoke=ctx.smoke)
+    ctx.metric("cache_hit", float(all(c.hit for c in cached.values())))
     unet_params, clf_params = cached["unet"].params, cached["classifier"].params
     judge = digits_judge(classifier, clf_params)
     verify = _verifier(classifier, clf_params, schedule, ex.verifier_t)
@@ -110,7 +100,7 @@ def run(cfg, out_dir: Path) -> Results:
     k_pool, k_ver, k_strong, k_trials, k_steer = jax.random.split(jax.random.fold_in(key, 1), 5)
     t0 = time.perf_counter()
     pool = generate(k_pool, jnp.full((ex.pool_size,), NUM_CLASSES, jnp.int32))
-    res.metric("pool_seconds", time.perf_counter() - t0)
+    ctx.metric("pool_seconds", time.perf_counter() - t0)
     truth = np.asarray(jnp.argmax(judge(pool)[1], -1))
     verdict = np.asarray(jnp.argmax(verify(k_ver, pool), -1))
     classes = np.arange(NUM_CLASSES)
@@ -119,9 +109,9 @@ def run(cfg, out_dir: Path) -> Results:
     p = correct.mean(1)
     tpr = (correct & imperfect).sum(1) / np.maximum(correct.sum(1), 1)
     fpr = (~correct & imperfect).sum(1) / np.maximum((~correct).sum(1), 1)
-    res.metric("weak.single_sample_accuracy", p.mean())
-    res.metric("verifier.tpr_mean", tpr.mean())
-    res.metric("verifier.fpr_mean", fpr.mean())
+    ctx.metric("weak.single_sample_accuracy", p.mean())
+    ctx.metric("verifier.tpr_mean", tpr.mean())
+    ctx.metric("verifier.fpr_mean", fpr.mean())
 
     curves = {}
     for name, accepted in (("imperfect", imperfect), ("perfect", correct)):
@@ -134,47 +124,47 @@ def run(cfg, out_dir: Path) -> Results:
             [float(np.mean(smc.verifier_accuracy(p, a_tpr, a_fpr, k))) for k in ex.budgets]
         )
         for k, e, q in zip(ex.budgets, emp, pred, strict=True):
-            res.metric(f"{name}.accuracy.k{k}", e)
-            res.metric(f"{name}.predicted.k{k}", q)
+            ctx.metric(f"{name}.accuracy.k{k}", e)
+            ctx.metric(f"{name}.predicted.k{k}", q)
         curves[name] = (emp, pred)
-    ceiling = res.metric(
+    ceiling = ctx.metric(
         "imperfect.predicted_ceiling", float(np.mean(smc.verifier_ceiling(p, tpr, fpr)))
     )
 
     # Strong generator: the conditional model, one sample per problem.
     labels = jnp.repeat(jnp.arange(NUM_CLASSES), ex.strong_samples_per_class)
     strong = generate(k_strong, labels)
-    strong_acc = res.metric(
+    strong_acc = ctx.metric(
         "strong.single_sample_accuracy",
         np.mean(np.asarray(jnp.argmax(judge(strong)[1], -1)) == np.asarray(labels)),
     )
 
     # FK steering of the unconditional sampler with the verifier's log-probability as reward,
     # against best-of-N with the same reward at the same evaluations.
-    _steering(res, ex, k_steer, solver, model, ts, judge, classifier, clf_params, schedule)
+    _steering(ctx, ex, k_steer, solver, model, ts, judge, classifier, clf_params, schedule)
 
     emp_imp, pred_imp = curves["imperfect"]
     gap = np.max(np.abs(emp_imp - pred_imp))
-    res.claim(
+    ctx.claim(
         "imperfect verifier: |empirical − closed-form accuracy| (max over k)", gap, ex.max_curve_gap
     )
-    res.claim(
+    ctx.claim(
         f"accuracy at k={ex.budgets[-1]} within {ex.ceiling_tolerance:g} of the ceiling",
         abs(emp_imp[-1] - ceiling),
         ex.ceiling_tolerance,
     )
-    res.claim("ceiling below the strong model's single-sample accuracy", ceiling, strong_acc)
-    res.claim(
+    # "ceiling below the strong model's single-sample accuracy" is stated in the YAML.
+    ctx.claim(
         f"perfect verifier: accuracy at k={ex.budgets[-1]}",
         curves["perfect"][0][-1],
         ex.min_perfect_accuracy,
         ">",
     )
-    res.figures.append(_plot(ex, curves, ceiling, strong_acc, out_dir))
-    return res
+    with ctx.figure("verifier_scaling.png", figsize=(5, 3.5)) as (fig, axes):
+        _draw(axes[0, 0], ex, curves, ceiling, strong_acc)
 
 
-def _steering(res, ex, key, solver, model, ts, judge, classifier, clf_params, schedule):
+def _steering(ctx, ex, key, solver, model, ts, judge, classifier, clf_params, schedule):
     """Accuracy of FK steering (its highest-weight particle) and of best-of-N (highest reward)
     with n particles each, reward log p_v(c | x̂₀) from the verifier's classifier."""
     stochastic = dif.ddim(solver.schedule, 1.0)
@@ -209,17 +199,11 @@ def _steering(res, ex, key, solver, model, ts, judge, classifier, clf_params, sc
         classes = jnp.arange(NUM_CLASSES)
         keys = jax.random.split(jax.random.fold_in(key, n), NUM_CLASSES)
         hits = np.asarray(run_all((keys, classes)))
-        res.metric(f"steering.fk.accuracy.n{n}", hits[:, 0].mean())
-        res.metric(f"steering.best_of_n.accuracy.n{n}", hits[:, 1].mean())
+        ctx.metric(f"steering.fk.accuracy.n{n}", hits[:, 0].mean())
+        ctx.metric(f"steering.best_of_n.accuracy.n{n}", hits[:, 1].mean())
 
 
-def _plot(ex, curves, ceiling, strong_acc, out_dir: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def _draw(ax, ex, curves, ceiling, strong_acc) -> None:
     for name, (emp, pred) in curves.items():
         ax.plot(ex.budgets, emp, "o", label=f"{name} verifier (measured)")
         ax.plot(ex.budgets, pred, "-", label=f"{name} verifier (closed form)")
@@ -229,8 +213,3 @@ def _plot(ex, curves, ceiling, strong_acc, out_dir: Path) -> str:
     ax.set_xlabel("samples per problem (budget k)")
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(out_dir) / "verifier_scaling.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name

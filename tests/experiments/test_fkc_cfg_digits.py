@@ -29,3 +29,9 @@ def test_smoke(tmp_path):
     m = written["metrics"]
     assert 0.0 <= m["w2.fkc.class_accuracy"] <= 1.0
     assert m["w2.fkc.fd_to_reference"] >= 0 and m["w2.naive_cfg.fd_to_reference"] >= 0
+
+
+def test_bad_config_is_a_clear_error(tmp_path):
+    # The schema checks values before any model is loaded.
+    with pytest.raises(ValueError, match=r"experiment.resampler must be one of"):
+        smoke_run("fkc_cfg_digits", tmp_path, ("experiment.resampler=bogus",))
