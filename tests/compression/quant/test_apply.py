@@ -20,6 +20,7 @@ from feynkit.compression.quant import (
     conv_patches,
     dequantize_tree,
     gptq_recipe,
+    is_compressed,
     match_paths,
     quantize_tree,
     rtn_recipe,
@@ -151,10 +152,9 @@ def test_weight_only_apply_equals_the_dequantized_float_model():
     assert isinstance(q["conv_in"]["kernel"], ReshapedKernel)  # (3, 3, 1, 8) as (9, 8)
     assert isinstance(q["embed"]["time_in"]["kernel"], QuantizedArray)
     out = jax.jit(compressed_apply(model.forward))(q, x, t, y)
-    np.testing.assert_allclose(
-        np.asarray(out), np.asarray(model.forward(dequantize_tree(q), x, t, y)), atol=1e-5
-    )
-    plain = compressed_apply(model.forward, intercept=False)(q, x, t, y)
+    float_model = jax.jit(lambda q, *a: model.forward(dequantize_tree(q), *a))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(float_model(q, x, t, y)), atol=1e-5)
+    plain = jax.jit(compressed_apply(model.forward, intercept=False))(q, x, t, y)
     np.testing.assert_allclose(np.asarray(plain), np.asarray(out), atol=1e-5)
     bits = values = 0
     for path in match_paths(params, ALL_KERNELS):
@@ -175,17 +175,23 @@ def test_conv_interception_serves_activation_quantizers():
     model, params = small_unet()
     x, t, y = noised_inputs(5, 4)
     kw = dict(rank=2, group_size=8, a_group_size=8, group_rule="divisor", smooth=False)
-    q_w = svdquant_recipe(a_bits=None, **kw)(params)
-    q_wa = svdquant_recipe(a_bits=4, **kw)(params)
+    where = SUBSET + [r"mid/conv_in/kernel", r"up_0/skip/kernel"]  # 3×3, stride 2, 1×1
+    q_wa = svdquant_recipe(a_bits=4, where=where, **kw)(params)
+
+    def float_activations(leaf):
+        if isinstance(leaf, ReshapedKernel):
+            return leaf.replace(inner=leaf.inner.replace(a_bits=None))
+        return leaf.replace(a_bits=None) if isinstance(leaf, SVDQuantLinear) else leaf
+
+    q_w = jax.tree_util.tree_map(float_activations, q_wa, is_leaf=is_compressed)
     assert isinstance(q_wa["mid"]["conv_in"]["kernel"].inner, SVDQuantLinear)
     f = jax.jit(compressed_apply(model.forward))
     out_w = f(q_w, x, t, y)
-    np.testing.assert_allclose(
-        np.asarray(out_w), np.asarray(model.forward(dequantize_tree(q_w), x, t, y)), atol=2e-5
-    )
+    float_model = jax.jit(lambda q, *a: model.forward(dequantize_tree(q), *a))
+    np.testing.assert_allclose(np.asarray(out_w), np.asarray(float_model(q_w, x, t, y)), atol=2e-5)
     assert _rel(f(q_wa, x, t, y), out_w) > 1e-3
     with pytest.raises(ValueError, match="intercept=True"):
-        compressed_apply(model.forward, intercept=False)(q_wa, x, t, y)
+        jax.jit(compressed_apply(model.forward, intercept=False))(q_wa, x, t, y)
 
 
 def test_score_mlp_smoothquant_w8a8_through_its_apply():
@@ -195,7 +201,7 @@ def test_score_mlp_smoothquant_w8a8_through_its_apply():
     t = jax.random.uniform(jax.random.key(3), (64,))
     calib = calibrate(model.forward, params, (x, t))
     q = smoothquant_recipe()(params, calib)
-    ref = model.forward(params, x, t)
+    ref = jax.jit(model.forward)(params, x, t)
     out = jax.jit(compressed_apply(model.forward))(q, x, t)
     assert 1e-5 < _rel(out, ref) < 2e-2  # measured 4e-3
 
@@ -206,10 +212,9 @@ def test_activation_quantizer_outside_dense_or_conv_is_an_error():
     q = svdquant_recipe(rank=2, group_size=8, a_group_size=8, smooth=False, where=SUBSET)(params)
     # An apply_fn that renames the tree: the kernels no longer sit at their module paths.
     wrapped = {"inner": q}
+    renamed = compressed_apply(lambda p, *a: model.forward(dequantize_tree(p["inner"]), *a))
     with pytest.raises(ValueError, match="quantize activations but no nn.Dense"):
-        compressed_apply(lambda p, *a: model.forward(dequantize_tree(p["inner"]), *a))(
-            wrapped, x, t, y
-        )
+        jax.jit(renamed)(wrapped, x, t, y)  # raised while tracing
 
 
 def test_recipe_bad_input_errors():
