@@ -44,10 +44,9 @@ from feynkit.compression.quant.qarray import (
     quantize_with_params,
     unpack_int4,
 )
+from feynkit.compression.quant.quant_recipe import LeafStats, QuantRecipe
 from feynkit.compression.quant.recipes import (
     RECIPES,
-    LeafStats,
-    QuantRecipe,
     dfloat11_recipe,
     eora_recipe,
     gptq_recipe,
