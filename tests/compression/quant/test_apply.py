@@ -304,3 +304,19 @@ def test_compressed_unet_samples_through_diffusion_sample_with_cfg():
     e8 = _rel(sample(rtn_recipe(8)(params)), ref)
     e4 = _rel(sample(rtn_recipe(4, group_size=8, group_rule="divisor")(params)), ref)
     assert 1e-5 < e8 < e4 < 0.3, (e8, e4)
+
+
+def test_calibrate_runs_a_partly_compressed_model():
+    # Layer-sequential schemes calibrate later kernels on the model whose earlier kernels are
+    # already compressed: the captured inputs are those of the compressed model.
+    model, params = small_unet()
+    data = noised_inputs(12, 8)
+    where = r"down_1/conv_in/kernel"
+    q = rtn_recipe(2, where=r"downsample/kernel")(params)
+    h_float = calibrate(model.forward, params, data, where).hessians[where]
+    h_q = calibrate(model.forward, q, data, where).hessians[where]
+    rows = collect_inputs(compressed_apply(model.forward), q, data, where)[where]
+    np.testing.assert_allclose(
+        np.asarray(h_q), 2.0 / 8 * np.asarray(rows, np.float64).T @ rows, rtol=2e-5, atol=1e-5
+    )
+    assert _rel(h_q, h_float) > 1e-3
