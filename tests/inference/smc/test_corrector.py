@@ -101,7 +101,8 @@ def test_fkc_cfg_with_ddpm_matches_target_as_well_as_fkc_sample(cfg_reference):
 def _targets(variant):
     p1 = GaussianMixture.create([0.5, 0.5], [[-2.0, 0.0], [2.0, 2.0]], scales=0.8)
     p2 = GaussianMixture.create([0.5, 0.5], [[-1.6, 0.4], [2.0, -1.0]], scales=0.8)
-    if variant == "anneal":
+    if variant == "anneal":  # unequal weights: annealing moves mass, the naive drift does not
+        p1 = GaussianMixture.create([0.25, 0.75], [[-2.0, 0.0], [2.0, 2.0]], scales=0.8)
         return p1, p1, smc.fkc_anneal_corrector(2.0), smc.annealed_sde(_score(p1), SCHED, 2.0)
     return p1, p2, smc.fkc_product_corrector(), smc.product_sde([_score(p1), _score(p2)], SCHED)
 
@@ -114,9 +115,9 @@ def test_fkc_anneal_and_product_through_sample(variant):
     p1, p2, corr, sde = _targets(variant)
     m1, m2 = p1.marginal(SCHED, T_MIN), p2.marginal(SCHED, T_MIN)
     if variant == "anneal":
-        ref = sample_tempered(jax.random.key(7), m1, 2.0, 2048)
+        ref = sample_tempered(jax.random.key(7), m1, 2.0, 8192)
     else:
-        ref = m1.product(m2)[0].sample(jax.random.key(7), 2048)
+        ref = m1.product(m2)[0].sample(jax.random.key(7), 8192)
 
     def model(x, t, expert):
         g = p1 if expert == 0 else p2
@@ -138,8 +139,9 @@ def test_fkc_anneal_and_product_through_sample(variant):
     ed_loop = _weighted_ed(*jax.jit(lambda k: _pooled(loop, k))(SEED_KEYS), ref)
     ed_fkc = _weighted_ed(*jax.jit(lambda k: _pooled(fkc, k))(SEED_KEYS), ref)
     ed_naive = _weighted_ed(*jax.jit(lambda k: _pooled(lambda q: fkc(q, False), k))(SEED_KEYS), ref)
+    # 4 × 2048 pooled particles against 8192 exact draws: a noise floor of ~0.03
     assert ed_loop < ed_fkc + 0.05, (ed_loop, ed_fkc)
-    assert ed_loop < 0.5 * ed_naive, (ed_loop, ed_naive)
+    assert ed_loop < 0.75 * ed_naive, (ed_loop, ed_naive)
 
 
 def test_cfg_run_counts_and_info():
@@ -496,3 +498,22 @@ def test_rejuvenation_fills_the_modes_of_a_strongly_annealed_mixture(tempered_mi
     )
     err = np.abs(_masses(p, T_MIN, x, jnp.exp(info.log_weights)) - m_ref).max()
     assert err < 0.08, err
+
+
+def test_multistep_solver_state_splits_into_particles_and_run():
+    """DPM-Solver++(2M)'s previous x̂₀ is per particle, its step size per run; without
+    resampling the weighted run is exactly the plain one."""
+    x0 = jax.random.normal(jax.random.key(1), (16, 2))
+    ts = dif.time_grid(6, 1.0, T_MIN)
+    solver = dif.dpm_solver_pp_2m(SCHED)
+    kw = {"cond": {"label": 1}, "denoise_final": True}
+    corr = smc.fk_steering_corrector(lambda x: x[:, 0], lam=0.5, ess_threshold=0.0)
+    x, info = dif.sample(jax.random.key(0), solver, branch_model, x0, ts, corrector=corr, **kw)
+    ref, ref_info = dif.sample(jax.random.key(0), solver, branch_model, x0, ts, **kw)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+    assert int(info.nfe) == int(ref_info.nfe) == 7
+    lw = 0.5 * np.asarray(ref[:, 0], np.float64)
+    np.testing.assert_allclose(np.exp(info.log_weights), np.exp(lw) / np.exp(lw).sum(), rtol=1e-4)
+    state = smc.corrected_sampler(solver, branch_model, ts, corr, cond={"label": 1}).init(x0)
+    assert [v.shape for v in state.particles.solver_state] == [(16, 2)]
+    assert [v.shape for v in state.shared.solver_state] == [(), ()]
