@@ -52,8 +52,10 @@ from feynkit.inference.diffusion.sampler import (
 )
 from feynkit.inference.diffusion.scaling import (
     RBFResult,
+    RBFSampler,
     convert_interpolant,
     matching_time,
+    rbf_sampler,
     rollover_budget_forcing,
 )
 from feynkit.inference.diffusion.solvers import (
@@ -80,8 +82,10 @@ from feynkit.inference.diffusion.tweedie import (
 __all__ = [
     "DPMSolverState",
     "RBFResult",
+    "RBFSampler",
     "convert_interpolant",
     "matching_time",
+    "rbf_sampler",
     "rollover_budget_forcing",
     "ddpm",
     "dpm_solver_pp_2m",

@@ -36,7 +36,14 @@ from feynkit.inference.diffusion.sampler import (
     reuse_first_prediction,
 )
 
-__all__ = ["RBFResult", "convert_interpolant", "matching_time", "rollover_budget_forcing"]
+__all__ = [
+    "RBFResult",
+    "RBFSampler",
+    "convert_interpolant",
+    "matching_time",
+    "rbf_sampler",
+    "rollover_budget_forcing",
+]
 
 
 def matching_time(schedule: Schedule, snr_ratio: Array, t_min: float = 0.0, t_max: float = 1.0):
@@ -81,6 +88,101 @@ class _Chain(NamedTuple):
     pred: Prediction
     reward: Array
     rollover: Array
+    nfe: Array  # evaluations so far, per chain (chains spend their budgets differently)
+    accepted: Array  # (b, num_steps): whether step k accepted an improvement
+
+
+class RBFSampler(NamedTuple):
+    """RBF as an `smc.base` kernel over independent chains (no reweighting, no resampling):
+    ``init(x_init) -> SMCState``, ``kernel(key, state)`` for `smc.run` /
+    `smc.run_checkpointed`, ``num_steps``, ``output(state) -> RBFResult``."""
+
+    init: Callable[[ArrayLike], Any]
+    kernel: Callable[..., Any]
+    num_steps: int
+    output: Callable[[Any], RBFResult]
+
+
+def rbf_sampler(
+    solver: Solver,
+    model_fn: ModelFn,
+    timesteps: ArrayLike,
+    reward_fn: RewardFn,
+    budget: int,
+    *,
+    prediction: str = "eps",
+    cond: dict[str, Any] | None = None,
+) -> RBFSampler:
+    """The (init, kernel) tiers of `rollover_budget_forcing` (arguments as there)."""
+    from feynkit.inference.smc import base  # smc imports this package
+
+    ts = check_time_grid(timesteps)
+    num_steps = ts.shape[0] - 1
+    share = (budget - 1) // num_steps
+    if share < 1:
+        raise ValueError(
+            f"budget={budget} is too small for {num_steps} steps: RBF needs at least "
+            f"{num_steps + 1} evaluations per chain."
+        )
+    predict = guided_predict_fn(as_denoiser(model_fn, solver.schedule, prediction), None, cond)
+    nfe0 = jnp.zeros((), jnp.int32)
+
+    def rewards(pred: Prediction, b: int) -> Array:
+        return check_reward_shape(reward_fn(pred.x0), b)
+
+    def propose(k, chain: _Chain, t, t_next):
+        cached = reuse_first_prediction(predict, chain.pred)
+        carry = (None, nfe0)
+        x_new, _, carry = solver.step(k, chain.x, solver.init(chain.x), cached, carry, t, t_next)
+        pred, (_, used) = predict(x_new, t_next, carry)
+        return x_new, pred, rewards(pred, chain.x.shape[0]), used
+
+    def propagate(k_step: Key, chain: _Chain, step: Array):
+        b = chain.x.shape[0]
+        t, t_next = ts[step].astype(chain.x.dtype), ts[step + 1].astype(chain.x.dtype)
+        avail = chain.rollover + share  # this step's evaluations, per chain
+
+        def keep_going(c):
+            return jnp.any(~c[1])
+
+        def body(c):
+            j, done, used, best, first, accepted = c
+            x_c, pred_c, r_c, cost = propose(jax.random.fold_in(k_step, j), chain, t, t_next)
+            cand = chain._replace(x=x_c, pred=pred_c, reward=r_c)
+            live = ~done
+            used = used + jnp.where(live, cost, 0)
+            best = _select(live & (r_c > best.reward), cand, best)
+            improved = live & (r_c > chain.reward)
+            first = _select(improved, cand, first)
+            done = done | improved | (used >= avail)
+            return j + 1, done, used, best, first, accepted | improved
+
+        none = chain._replace(reward=jnp.full_like(chain.reward, -jnp.inf))
+        no = jnp.zeros((b,), bool)
+        init = (jnp.asarray(0), no, jnp.zeros((b,), jnp.int32), none, none, no)
+        _, _, used, best, first, accepted = jax.lax.while_loop(keep_going, body, init)
+        chosen = _select(accepted, first, best)
+        chosen = chosen._replace(
+            rollover=avail - used,
+            nfe=chain.nfe + used,
+            accepted=chain.accepted.at[:, step].set(accepted),
+        )
+        return chosen, jnp.zeros((b,), chain.x.dtype)
+
+    def init(x_init: ArrayLike):
+        x = jnp.asarray(x_init)
+        b = x.shape[0]
+        pred0, _ = predict(x, ts[0].astype(x.dtype), (None, nfe0))
+        ones = jnp.ones((b,), jnp.int32)
+        chain = _Chain(x, pred0, rewards(pred0, b), 0 * ones, ones, jnp.zeros((b, num_steps), bool))
+        return base.init(chain)
+
+    def output(state) -> RBFResult:
+        c = state.particles
+        return RBFResult(c.pred.x0, c.reward, c.nfe, c.accepted.T)
+
+    kernel = base.build_kernel(propagate, ess_threshold=0.0, keep_ancestry=False)
+    return RBFSampler(init, kernel, num_steps, output)
 
 
 def rollover_budget_forcing(
@@ -97,6 +199,8 @@ def rollover_budget_forcing(
 ) -> RBFResult:
     """RBF search over a batch of independent chains (each with its own budget).
 
+    Runs `rbf_sampler`'s kernel with `smc.run` (so `smc.run_checkpointed` can resume it).
+
     Args:
       key: PRNG key.
       solver: a stochastic solver (e.g. ``euler_maruyama`` or ``ddim(schedule, 1.0)``): its
@@ -110,62 +214,13 @@ def rollover_budget_forcing(
     Returns:
       `RBFResult` (the chains' x̂₀ at the last time and their rewards).
     """
-    x = jnp.asarray(x_init)
-    ts = check_time_grid(timesteps, x.dtype)
-    num_steps = ts.shape[0] - 1
-    share = (budget - 1) // num_steps
-    if share < 1:
-        raise ValueError(
-            f"budget={budget} is too small for {num_steps} steps: RBF needs at least "
-            f"{num_steps + 1} evaluations per chain."
-        )
-    b = x.shape[0]
-    predict = guided_predict_fn(as_denoiser(model_fn, solver.schedule, prediction), None, cond)
-    nfe0 = jnp.zeros((), jnp.int32)
+    from feynkit.inference.smc import base
 
-    def rewards(pred: Prediction) -> Array:
-        return check_reward_shape(reward_fn(pred.x0), b)
-
-    def propose(k, chain: _Chain, t, t_next):
-        cached = reuse_first_prediction(predict, chain.pred)
-
-        carry = (None, nfe0)
-        x_new, _, carry = solver.step(k, chain.x, solver.init(chain.x), cached, carry, t, t_next)
-        pred, (_, used) = predict(x_new, t_next, carry)
-        return x_new, pred, rewards(pred), used
-
-    def step(chain: _Chain, inputs):
-        i, t, t_next = inputs
-        avail = chain.rollover + share  # this step's evaluations, per chain
-        k_step = jax.random.fold_in(key, i)
-
-        def keep_going(c):
-            return jnp.any(~c[1])
-
-        def body(c):
-            j, done, used, best, first, accepted = c
-            x_c, pred_c, r_c, cost = propose(jax.random.fold_in(k_step, j), chain, t, t_next)
-            cand = _Chain(x_c, pred_c, r_c, chain.rollover)
-            live = ~done
-            used = used + jnp.where(live, cost, 0)
-            best = _select(live & (r_c > best.reward), cand, best)
-            improved = live & (r_c > chain.reward)
-            first = _select(improved, cand, first)
-            done = done | improved | (used >= avail)
-            return j + 1, done, used, best, first, accepted | improved
-
-        none = _Chain(chain.x, chain.pred, jnp.full_like(chain.reward, -jnp.inf), chain.rollover)
-        no = jnp.zeros((b,), bool)
-        init = (jnp.asarray(0), no, jnp.zeros((b,), jnp.int32), none, none, no)
-        _, _, used, best, first, accepted = jax.lax.while_loop(keep_going, body, init)
-        chosen = _select(accepted, first, best)
-        return chosen._replace(rollover=avail - used), (used, accepted)
-
-    pred0, _ = predict(x, ts[0], (None, nfe0))
-    chain0 = _Chain(x, pred0, rewards(pred0), jnp.zeros((b,), jnp.int32))
-    steps = (jnp.arange(num_steps), ts[:-1], ts[1:])
-    final, (used, accepted) = jax.lax.scan(step, chain0, steps)
-    return RBFResult(final.pred.x0, final.reward, 1 + jnp.sum(used, axis=0), accepted)
+    loop = rbf_sampler(
+        solver, model_fn, timesteps, reward_fn, budget, prediction=prediction, cond=cond
+    )
+    state, _ = base.run(key, loop.kernel, loop.init(x_init), loop.num_steps)
+    return loop.output(state)
 
 
 def _select(mask: Array, a: Any, b: Any) -> Any:

@@ -106,3 +106,25 @@ def test_budget_too_small():
             reward,
             10,
         )
+
+
+def test_rbf_is_an_smc_kernel_that_checkpoints_resume(tmp_path):
+    """RBF runs on `smc.base`'s kernel: `run_checkpointed` split in two equals one run."""
+    from feynkit.inference import smc
+
+    ts = dif.time_grid(6, 1.0, 1e-3)
+    loop = dif.rbf_sampler(dif.ddim(LINEAR, 1.0), exact_eps(LINEAR), ts, reward, 19)
+    state0 = loop.init(jax.random.normal(jax.random.key(1), (16, 2)))
+    key = jax.random.key(2)
+    full, _ = smc.run_checkpointed(key, loop.kernel, state0, 6, tmp_path / "a", every=3)
+    smc.run_checkpointed(key, loop.kernel, state0, 3, tmp_path / "b", every=3)
+    resumed, infos = smc.run_checkpointed(key, loop.kernel, state0, 6, tmp_path / "b", every=3)
+    assert len(infos) == 1
+    a, b = loop.output(full), loop.output(resumed)
+    np.testing.assert_array_equal(a.x0, b.x0)
+    np.testing.assert_array_equal(a.nfe, b.nfe)
+    assert int(a.nfe.max()) <= 19 and a.accepted.shape == (6, 16)
+    ref = rollover_budget_forcing(
+        key, dif.ddim(LINEAR, 1.0), exact_eps(LINEAR), state0.particles.x, ts, reward, 19
+    )
+    np.testing.assert_allclose(ref.x0, a.x0, rtol=1e-5, atol=1e-5)
