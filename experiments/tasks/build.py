@@ -49,6 +49,15 @@ def option_kwargs(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not k.startswith("_") and k not in SETUP_KEYS}
 
 
+def _partial(node: DictConfig) -> Any:
+    """``instantiate(node, _partial_=True)`` without the setup keys: the factory with the
+    option's values bound, for the task to call (e.g. a data generator ``(key, n)``)."""
+    clean = OmegaConf.create(
+        {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in SETUP_KEYS}
+    )
+    return instantiate(clean, _partial_=True, _convert_="all")
+
+
 def _instantiate(node: DictConfig, **call_kwargs: Any) -> Any:
     """``instantiate`` without the setup keys, passing only the call-time arguments the factory
     accepts (e.g. `schedule` to `apg` but not to `cfg_pp`)."""
@@ -56,12 +65,9 @@ def _instantiate(node: DictConfig, **call_kwargs: Any) -> Any:
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     kwargs = {k: v for k, v in call_kwargs.items() if takes_any or k in params}
-    clean = OmegaConf.create(
-        {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in SETUP_KEYS}
-    )
     # Objects (a schedule, functions) go to the partial, not through OmegaConf, which would
     # turn a dataclass schedule into a dict.
-    return instantiate(clean, _partial_=True, _convert_="all")(**kwargs)
+    return _partial(node)(**kwargs)
 
 
 DATA_KINDS = {
@@ -89,8 +95,7 @@ def build_model(cfg: DictConfig, seed: int, smoke: bool) -> ModelBundle:
             lambda key, n: _rows(key, n, split.x_test, split.y_test)
         )
     else:
-        gen = _instantiate(data)
-        bundle.reference = _labelled_reference(gen)
+        bundle.reference = _labelled_reference(_partial(data))
     return bundle
 
 

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig
 
+from feynkit.experiments import distributed
 from feynkit.experiments.tasks import build
 from feynkit.experiments.tasks.common import bound_for, task_settings
 from feynkit.experiments.tasks.validate import validate_combination
@@ -215,11 +216,16 @@ def run_sample(cfg: DictConfig, ctx: Any) -> None:
     shrink = spread[c_name]() if c_name in spread else 1.0
     sigma_max = float(bundle.schedule.sigma(float(settings.t_max)))
     x_init = sigma_max / shrink**0.5 * jax.random.normal(k_init, (n, *bundle.x_shape))
+    devices = jax.device_count()
+    if devices > 1 and n % devices == 0:  # samples over every device of every process
+        x_init = distributed.shard_global(np.asarray(x_init))
+    ctx.metric("devices", devices if n % devices == 0 else 1)
     t0 = time.perf_counter()
     compiled = jax.jit(run).lower(k_run, x_init).compile()
     ctx.metric("compile_seconds", time.perf_counter() - t0)
     t0 = time.perf_counter()
     x, info = jax.block_until_ready(compiled(k_run, x_init))
+    x, info = distributed.gather((x, info))  # full values on every process
     ctx.metric("wall_seconds", time.perf_counter() - t0)
     ctx.metric("nfe", info.nfe)
 

@@ -117,6 +117,9 @@ def test_wrong_type_is_rejected_at_composition():
         compose_cfg("task.num_samples=many")
     with pytest.raises(ConfigCompositionException):
         compose_cfg("quant=rtn", "quant.bits=four")
+    with pytest.raises(ConfigCompositionException) as e:  # model values: the zoo config's types
+        compose_cfg("model=toy_mlp", "model.steps=long")
+    assert "valid keys: cache_dir, num_modes" in str(e.value.__cause__)
 
 
 def test_unknown_option_lists_the_choices():
