@@ -83,16 +83,18 @@ def fkc_rate(
     a_uncond: ArrayLike,
     schedule: Any,
     t: ArrayLike,
+    total: float | None = None,
 ) -> Array:
     """The FKC log-weight rate G per unit generation time, per sample (see the module docstring).
 
         G = (A − 1) d f + g²/(2σ²) [A(A−1)‖ε̂_u‖² + 2 a_c (A−1)⟨ε̂_u, Δ⟩ + a_c(a_c−1)‖Δ‖²],
 
     Δ = ε̂_c − ε̂_u, A = a_c + a_u, d the number of entries of one sample, f = d log α/dt and
-    g² = dσ²/dt − 2 f σ² at t. Sums run over all axes but the first.
+    g² = dσ²/dt − 2 f σ² at t. Sums run over all axes but the first. `total` gives A when it is
+    known exactly (CFG: 1, even for a traced w), else A = a_cond + a_uncond.
     """
     ec, eu = jnp.asarray(eps_cond), jnp.asarray(eps_uncond)
-    total = a_cond + a_uncond
+    total = a_cond + a_uncond if total is None else total
     diff = ec - eu
     d = ec[0].size
     inner = a_cond * (a_cond - 1.0) * _sq(diff)
@@ -103,10 +105,9 @@ def fkc_rate(
     return (total - 1.0) * d * schedule.drift_coef(t) + 0.5 * g2 / sigma**2 * inner
 
 
-def _geometric_drift(a_cond, a_uncond, schedule, name: str, uses_uncond: bool) -> Guidance:
+def _geometric_drift(a_cond, a_uncond, total, schedule, name: str, uses_uncond: bool) -> Guidance:
     """ε̂ = ε̂_u + a_c (ε̂_c − ε̂_u) + (A − 1) ε̂_u (the score S of π̃_t) and the x̂₀ that makes
     the pair consistent with x = α x̂₀_u + σ ε̂_u."""
-    total = a_cond + a_uncond
     unit = _number(total) and total == 1.0
 
     def combine(c: Prediction, u: Prediction, state: Any, t: Array):
@@ -155,6 +156,7 @@ def fkc_geometric_corrector(
     a_uncond: float,
     *,
     name: str = "fkc_geometric",
+    total: float | None = None,
     single_branch: bool = False,
     guidance_check: Callable[[Guidance], None] | None = None,
     ess_threshold: float = 0.5,
@@ -167,6 +169,7 @@ def fkc_geometric_corrector(
       a_cond, a_uncond: the exponents of the conditional and unconditional branches; their
         sum A must be positive.
       name: the corrector's name in error messages.
+      total: A = a_cond + a_uncond when known exactly (CFG: 1 for any, even traced, scale).
       single_branch: the model has one branch (``cond``) with exponent a_uncond: the
         unconditional branch is not evaluated (annealing).
       guidance_check: called with the user's guidance (not None); raise ValueError to reject
@@ -184,6 +187,7 @@ def fkc_geometric_corrector(
         )
     if _number(ess_threshold) and not 0.0 <= ess_threshold <= 1.0:
         raise ValueError(f"{name}: ess_threshold must be in [0, 1], got {ess_threshold}.")
+    total = a_cond + a_uncond if total is None else total
 
     def prepare(solver: Solver, guidance: Guidance | None) -> Guidance:
         _check_solver(solver, name)
@@ -194,12 +198,12 @@ def fkc_geometric_corrector(
                     f"guidance=None (got guidance {guidance.name!r})."
                 )
             guidance_check(guidance)
-        return _geometric_drift(a_cond, a_uncond, solver.schedule, name, not single_branch)
+        return _geometric_drift(a_cond, a_uncond, total, solver.schedule, name, not single_branch)
 
     def observe(x, t, pc: Prediction, pu: Prediction, pred: Prediction, schedule) -> Array:
         if single_branch:  # one branch with exponent a_uncond
-            return fkc_rate(pc.eps, pc.eps, 0.0, a_uncond, schedule, t)
-        return fkc_rate(pc.eps, pu.eps, a_cond, a_uncond, schedule, t)
+            return fkc_rate(pc.eps, pc.eps, 0.0, a_uncond, schedule, t, total)
+        return fkc_rate(pc.eps, pu.eps, a_cond, a_uncond, schedule, t, total)
 
     def increment(rate, _, t, t_next):
         return rate * (t - t_next), None
@@ -299,6 +303,7 @@ def fkc_cfg_corrector(
         scale,
         1.0 - scale,
         name="fkc_cfg",
+        total=1.0,
         guidance_check=check,
         ess_threshold=ess_threshold,
         resample=resample,

@@ -259,6 +259,19 @@ def test_jit_compiles_once_and_vmaps():
     assert a.shape == () and not np.allclose(a, b)
     assert jax.vmap(run)(jax.random.split(jax.random.key(2), 3)).shape == (3,)
 
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def sweep(w):  # one compiled sampler for a sweep over the guidance weight
+        x0 = jax.random.normal(jax.random.key(0), (32, 2))
+        corr = smc.fkc_cfg_corrector(w)
+        x, info = dif.sample(
+            jax.random.key(0), dif.ddpm(SCHED), branch_model, x0, ts, corrector=corr, **BRANCHES
+        )
+        return info.log_normalizer
+
+    np.testing.assert_allclose(sweep(jnp.float32(W)), a, rtol=1e-5)
+    sweep(jnp.float32(2.0))
+
 
 def test_checkpointed_run_resumes_the_corrected_loop(tmp_path):
     """The corrected loop is an `smc.base` kernel: `run_checkpointed` resumes it exactly."""
