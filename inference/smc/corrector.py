@@ -29,6 +29,11 @@ into ``(x, SampleInfo)``; `corrected_sample` is what ``diffusion.sample`` delega
 
 Layering: `diffusion.sample` imports this module lazily (``smc`` imports ``diffusion``), so the
 dependency stays one-way at import time and there is one SMC kernel (`smc.base`).
+
+References:
+  Del Moral (2004), "Feynman-Kac Formulae"; Skreta et al. (2025), "Feynman-Kac Correctors in
+  Diffusion"; Singhal et al. (2025), "A General Framework for Inference-time Scaling and
+  Steering of Diffusion Models".
 """
 
 from __future__ import annotations
