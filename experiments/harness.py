@@ -99,7 +99,6 @@ def require(ok: bool, key: str, what: str) -> None:
 class Replication(NamedTuple):
     run: Callable[[Any, Context], None]
     schema: type
-    legacy: bool = False  # TRANSITION: run(cfg, out_dir) -> Results; removed once all are ported
 
 
 REGISTRY: dict[str, Replication] = {}
@@ -114,16 +113,6 @@ def replication(name: str, schema: type):
         if name in REGISTRY and REGISTRY[name].run is not fn:
             raise ValueError(f"experiment {name!r} is registered twice.")
         REGISTRY[name] = Replication(fn, schema)
-        return fn
-
-    return deco
-
-
-def legacy_register(name: str, config_class: type):
-    """TRANSITION ONLY: the pre-harness registration, kept while modules are being ported."""
-
-    def deco(fn):
-        REGISTRY[name] = Replication(fn, config_class, legacy=True)
         return fn
 
     return deco
@@ -315,13 +304,6 @@ def run_replication(cfg: DictConfig, ctx: Context) -> None:
     discover()
     if name in REGISTRY:
         rep = REGISTRY[name]
-        if rep.legacy:
-            res = rep.run(cfg, ctx.out_dir)
-            ctx.results.metrics.update(res.metrics)
-            ctx.results.claims.extend(res.claims)
-            ctx.results.figures.extend(res.figures)
-            check_finite(ctx)
-            return
         ex = experiment_node(cfg, rep.schema)
         rep.run(ex, ctx)
     else:

@@ -91,9 +91,7 @@ class Results:
         self.metrics[name] = value
         return value
 
-    def claim(
-        self, name: str, value: Any, bound: Any, op: str = "<", smoke: bool = False
-    ) -> Claim:
+    def claim(self, name: str, value: Any, bound: Any, op: str = "<", smoke: bool = False) -> Claim:
         if op not in _OPS:
             raise ValueError(f"unknown comparison {op!r}; use one of {sorted(_OPS)}.")
         c = Claim(name, float(value), float(bound), op, smoke)

@@ -3,6 +3,5 @@
 """
 
 from feynkit.experiments.harness import REGISTRY, discover, get, replication
-from feynkit.experiments.harness import legacy_register as register  # TRANSITION
 
-__all__ = ["REGISTRY", "discover", "get", "register", "replication"]
+__all__ = ["REGISTRY", "discover", "get", "replication"]

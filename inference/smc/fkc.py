@@ -47,7 +47,7 @@ from jax.scipy.stats import norm
 from feynkit.core import shard_particles, systematic_resample
 from feynkit.core.schedules import VPSchedule
 from feynkit.core.sharding import particle_sharding
-from feynkit.core.types import Array, Key
+from feynkit.core.types import Array, Key, LogProbFn, ScoreFn
 from feynkit.inference.diffusion.solvers import euler_maruyama
 from feynkit.inference.smc import base
 from feynkit.inference.smc.corrector import Corrector, corrected_sampler
@@ -62,9 +62,6 @@ __all__ = [
     "geometric_sde",
     "product_sde",
 ]
-
-ScoreFn = Callable[[Array, Array], Array]
-LogProbFn = Callable[[Array, Array], Array]
 
 
 class WeightedSDE(NamedTuple):
