@@ -81,10 +81,17 @@ def run_experiment(cfg: DictConfig, out_dir: str | Path) -> Results:
         TASKS[cfg.task.name](cfg, ctx)
         harness.check_finite(ctx)
     results.config = OmegaConf.to_container(cfg, resolve=True)
-    path = results.write(out_dir)
-    print(results.table())
-    print(f"\nresults: {path}")
+    if _is_main_process():  # a multi-process run writes its record once
+        path = results.write(out_dir)
+        print(results.table())
+        print(f"\nresults: {path}")
     return results
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 _FAILED: list[str] = []
@@ -112,6 +119,9 @@ def _main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    from feynkit.experiments.distributed import check_launcher_plugin
+
+    check_launcher_plugin(sys.argv[1:])
     register_configs()
     _main()
     if _FAILED:
