@@ -373,7 +373,7 @@ def test_fk_steering_warns_for_deterministic_solvers():
     x0, ts = jnp.zeros((8, 2)), dif.time_grid(4, 1.0, T_MIN)
     corr = smc.fk_steering_corrector(lambda x: x[:, 0])
     with pytest.warns(UserWarning, match="never separate"):
-        dif.sample(
+        x, _ = dif.sample(
             jax.random.key(0),
             dif.ddim(SCHED, 0.0),
             branch_model,
@@ -382,9 +382,10 @@ def test_fk_steering_warns_for_deterministic_solvers():
             corrector=corr,
             cond={"label": 1},
         )
+    assert x.shape == x0.shape and bool(jnp.all(jnp.isfinite(x)))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # importance weights only: nothing to warn about
-        dif.sample(
+        _, info = dif.sample(
             jax.random.key(0),
             dif.ddim(SCHED, 0.0),
             branch_model,
@@ -393,6 +394,7 @@ def test_fk_steering_warns_for_deterministic_solvers():
             corrector=smc.fk_steering_corrector(lambda x: x[:, 0], ess_threshold=0.0),
             cond={"label": 1},
         )
+    assert not bool(jnp.any(info.resampled))  # ess_threshold=0: weights only, no resampling
 
 
 @pytest.fixture(scope="module")
