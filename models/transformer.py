@@ -105,16 +105,38 @@ class RMSNorm(nn.Module):
 
 
 def _attention(
-    q: Array, k: Array, v: Array, q_pos: Array, k_pos: Array, num_kv_heads: int
+    q: Array,
+    k: Array,
+    v: Array,
+    q_pos: Array,
+    k_pos: Array,
+    num_kv_heads: int,
+    mask: Array | None = None,
 ) -> Array:
-    """Causal grouped-query softmax attention; q (b,t,h,d), k/v (b,s,kv,d) -> (b,t,h·d)."""
+    """Grouped-query softmax attention; q (b,t,h,d), k/v (b,s,kv,d) -> (b,t,h·d).
+
+    Causal (key position ≤ query position) unless ``mask`` (t, s), True where query i reads key
+    j, is given (a tree of draft tokens, see `TransformerLM.__call__`)."""
     b, t, h, d = q.shape
     q = q.reshape(b, t, num_kv_heads, h // num_kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / math.sqrt(d)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None, None]
+    if mask is None:
+        mask = k_pos[None, :] <= q_pos[:, None]
+    mask = mask[None, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h * d)
+
+
+def _width(module: nn.Module, child: str, default: int) -> int:
+    """Output width of the existing kernel ``child/kernel`` (a pruned model's), else `default`."""
+    kernel = module.variables.get("params", {}).get(child, {}).get("kernel")
+    return default if kernel is None else int(kernel.shape[-1])
+
+
+def _has_bias(module: nn.Module, child: str) -> bool:
+    """Whether the parameters hold ``child/bias`` (FLAP's compensation bias); False at init."""
+    return "bias" in module.variables.get("params", {}).get(child, {})
 
 
 class _SelfAttention(nn.Module):
@@ -125,9 +147,13 @@ class _SelfAttention(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_pos, layer_cache, position):
+    def __call__(self, x, cos, sin, q_pos, layer_cache, position, mask=None):
         b, t, d_model = x.shape
         h, kv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        # A structurally pruned model (FLAP) keeps fewer heads per layer, and may carry an
+        # o_proj bias: both are read off the parameters when they exist (not at init).
+        h = _width(self, "q_proj", h * hd) // hd
+        kv = _width(self, "k_proj", kv * hd) // hd
         dense = functools.partial(
             nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
         )
@@ -143,8 +169,9 @@ class _SelfAttention(nn.Module):
             values = lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             k_pos = jnp.arange(k_cache.shape[1])
             new_cache = (keys, values)
-        out = _attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_pos, k_pos, kv)
-        return dense(d_model, name="o_proj")(out), new_cache
+        out = _attention(q, keys.astype(q.dtype), values.astype(q.dtype), q_pos, k_pos, kv, mask)
+        o_proj = dense(d_model, name="o_proj", use_bias=_has_bias(self, "o_proj"))
+        return o_proj(out), new_cache
 
 
 class _SwiGLU(nn.Module):
@@ -157,9 +184,11 @@ class _SwiGLU(nn.Module):
         dense = functools.partial(
             nn.Dense, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype
         )
-        gate = dense(self.mlp_dim, name="gate_proj")(x)
-        up = dense(self.mlp_dim, name="up_proj")(x)
-        return dense(x.shape[-1], name="down_proj")(nn.silu(gate) * up)
+        mlp_dim = _width(self, "gate_proj", self.mlp_dim)  # fewer channels once pruned
+        gate = dense(mlp_dim, name="gate_proj")(x)
+        up = dense(mlp_dim, name="up_proj")(x)
+        down = dense(x.shape[-1], name="down_proj", use_bias=_has_bias(self, "down_proj"))
+        return down(nn.silu(gate) * up)
 
 
 class _Block(nn.Module):
@@ -172,13 +201,13 @@ class _Block(nn.Module):
     param_dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, cos, sin, q_pos, layer_cache, position):
+    def __call__(self, x, cos, sin, q_pos, layer_cache, position, mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = _SelfAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, name="self_attn", **kw
         )
         n1 = RMSNorm(self.eps, name="input_layernorm", **kw)(x)
-        a, new_cache = attn(n1, cos, sin, q_pos, layer_cache, position)
+        a, new_cache = attn(n1, cos, sin, q_pos, layer_cache, position, mask)
         h = x + a
         n2 = RMSNorm(self.eps, name="post_attention_layernorm", **kw)(h)
         return h + _SwiGLU(self.mlp_dim, name="mlp", **kw)(n2), new_cache
@@ -229,6 +258,9 @@ class TransformerLM(nn.Module):
         tokens: Int[ArrayLike, "b t"],
         cache: KVCache | None = None,
         position: Int[ArrayLike, ""] | int = 0,
+        positions: Int[ArrayLike, " t"] | None = None,
+        chunk_mask: Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Float[Array, "b t vocab"], KVCache | None]:
         if self.d_model % self.num_heads or self.head_dim % 2:
             raise ValueError("d_model must split into num_heads heads of even width.")
@@ -249,6 +281,22 @@ class TransformerLM(nn.Module):
         )
         x = embed(tokens)
         q_pos = jnp.asarray(position, jnp.int32) + jnp.arange(t, dtype=jnp.int32)
+        mask = None
+        if positions is not None or chunk_mask is not None:
+            # a chunk of (tree) tokens in slots position, …, position + t − 1: each reads every
+            # earlier slot and the chunk slots chunk_mask allows (causal by default), rotated
+            # by its own RoPE position (default: its slot)
+            chunk = jnp.tril(jnp.ones((t, t), bool)) if chunk_mask is None else chunk_mask
+            if jnp.shape(chunk) != (t, t):
+                raise ValueError(f"chunk_mask must have shape ({t}, {t}), got {jnp.shape(chunk)}.")
+            k_slot = jnp.arange(length, dtype=jnp.int32) if cache is not None else q_pos
+            rel = k_slot - jnp.asarray(position, jnp.int32)
+            inside = (rel >= 0) & (rel < t)
+            mask = (rel < 0)[None, :] | (
+                inside[None, :] & jnp.take(jnp.asarray(chunk, bool), jnp.clip(rel, 0, t - 1), 1)
+            )
+            if positions is not None:
+                q_pos = jnp.asarray(positions, jnp.int32).reshape(t)
         cos, sin = rope_cos_sin(q_pos, self.head_dim, self.rope_base)
         ks, vs = [], []
         for i in range(self.num_layers):
@@ -262,13 +310,15 @@ class TransformerLM(nn.Module):
                 **kw,
             )
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            x, new = block(x, cos, sin, q_pos, layer_cache, position)
+            x, new = block(x, cos, sin, q_pos, layer_cache, position, mask)
             if new is not None:
                 ks.append(new[0])
                 vs.append(new[1])
         x = RMSNorm(self.norm_eps, name="norm", **kw)(x)
         logits = nn.Dense(self.vocab_size, use_bias=False, name="lm_head", **kw)(x)
         new_cache = None if cache is None else KVCache(jnp.stack(ks), jnp.stack(vs))
+        if return_hidden:  # the final-norm hidden states the LM head reads (Medusa heads)
+            return logits.astype(jnp.float32), new_cache, x
         return logits.astype(jnp.float32), new_cache
 
     @nn.nowrap
@@ -295,11 +345,28 @@ class TransformerLM(nn.Module):
         tokens: Int[ArrayLike, "b t"],
         cache: KVCache,
         position: Int[ArrayLike, ""] | int,
+        positions: Int[ArrayLike, " t"] | None = None,
+        chunk_mask: Array | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Float[Array, "b t vocab"], KVCache]:
         """Logits for a chunk at positions position, …, position + T − 1, and the updated cache.
 
         The chunk's keys and values are written into ``cache`` at ``position``; attention reads
         every cached position ≤ the query's. Positions past the cache length are not checked
         when ``position`` is traced (``lax.dynamic_update_slice`` would clamp them).
+
+        A tree of candidate tokens (Medusa, speculative trees) is verified in one call with
+        ``chunk_mask`` (t, t), True where chunk token i reads chunk token j (its ancestors and
+        itself; every slot before ``position`` is read), and ``positions`` (t,), the RoPE
+        positions (the depth in the tree past ``position``; default the slots). With
+        ``return_hidden`` the final-norm hidden states (b, t, d_model) come third.
         """
-        return self.apply({"params": params}, tokens, cache, position)
+        return self.apply(
+            {"params": params},
+            tokens,
+            cache,
+            position,
+            positions=positions,
+            chunk_mask=chunk_mask,
+            return_hidden=return_hidden,
+        )
