@@ -31,7 +31,9 @@ def test_dare_expectation_preserved(key):
     keys = jax.random.split(jax.random.key(1), n)
     draws = jax.vmap(lambda k: dare_delta(k, delta, p))(keys)
     for mean, d in zip(
-        jax.tree.leaves(jax.tree.map(lambda x: x.mean(0), draws)), jax.tree.leaves(delta)
+        jax.tree.leaves(jax.tree.map(lambda x: x.mean(0), draws)),
+        jax.tree.leaves(delta),
+        strict=True,
     ):
         se = np.abs(np.asarray(d)) * np.sqrt(p / (1 - p)) / np.sqrt(n)
         np.testing.assert_array_less(np.abs(np.asarray(mean - d)), 5 * se + 1e-12)
