@@ -1,3 +1,59 @@
-"""Not yet implemented: see the open issues."""
+"""Pruning: boolean mask pytrees, magnitude / N:M masks, `prune_tree` with the path selection of
+`quantize_tree`, and gradual magnitude pruning as an Optax transformation.
 
-__all__: list[str] = []
+Masks are boolean arrays of their leaf's shape, True = keep, in a tree of the parameters'
+structure with None at unpruned leaves (`feynkit.compression.prune.masks`). A `PruneRecipe`
+(``magnitude_recipe``, ...) prunes the leaves its regexes select:
+
+    pruned, masks = prune_tree(params, magnitude_recipe(0.5), where=LINEAR_KERNELS)
+"""
+
+from feynkit.compression.prune.gradual import (
+    GradualPruningState,
+    cubic_sparsity,
+    gradual_magnitude_pruning,
+    pruning_masks,
+)
+from feynkit.compression.prune.magnitude import (
+    global_magnitude_masks,
+    magnitude_mask,
+    magnitude_recipe,
+)
+from feynkit.compression.prune.masks import (
+    apply_masks,
+    check_masks,
+    check_nm,
+    check_pattern,
+    check_sparsity,
+    is_nm_sparse,
+    kernel_matrix,
+    mask_sparsity,
+    nm_mask,
+    pattern_mask,
+    topk_mask,
+)
+from feynkit.compression.prune.recipe import PruneRecipe, PruneResult, prune_tree
+
+__all__ = [
+    "GradualPruningState",
+    "PruneRecipe",
+    "PruneResult",
+    "apply_masks",
+    "check_masks",
+    "check_nm",
+    "check_pattern",
+    "check_sparsity",
+    "cubic_sparsity",
+    "global_magnitude_masks",
+    "gradual_magnitude_pruning",
+    "is_nm_sparse",
+    "kernel_matrix",
+    "magnitude_mask",
+    "magnitude_recipe",
+    "mask_sparsity",
+    "nm_mask",
+    "pattern_mask",
+    "prune_tree",
+    "pruning_masks",
+    "topk_mask",
+]
