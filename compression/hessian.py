@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 
 from feynkit.core.types import Array, ArrayLike, Float, PyTree
+from feynkit.core.validation import fail_if
 
 __all__ = [
     "damped_hessian",
@@ -91,19 +92,40 @@ def damped_hessian(H: Float[ArrayLike, "d d"], percdamp: float = 0.01) -> Float[
     return H - jnp.diag(jnp.diagonal(H)) + jnp.diag(diag + damp)
 
 
+def _hessian_ok(H: Array, U: Array) -> Array:
+    """True when H is finite and symmetric and the damped H is positive definite (U finite
+    with a positive diagonal): the conditions GPTQ's sweep silently relies on."""
+    scale = jnp.max(jnp.abs(H))
+    symmetric = jnp.all(jnp.abs(H - H.T) <= 1e-5 * scale + 1e-30)
+    diag = jnp.diagonal(U)
+    return jnp.all(jnp.isfinite(H)) & symmetric & jnp.all(jnp.isfinite(U)) & jnp.all(diag > 0)
+
+
+HESSIAN_ERROR = (
+    "H must be a finite, symmetric Hessian that is positive definite after damping (the "
+    "Cholesky factorisation of H + λI failed or H is asymmetric); symmetrise H, increase "
+    "percdamp (now {percdamp}) or use more calibration data."
+)
+
+
 def inverse_hessian_cholesky(
-    H: Float[ArrayLike, "d d"], percdamp: float = 0.01
-) -> Float[Array, "d d"]:
+    H: Float[ArrayLike, "d d"], percdamp: float = 0.01, *, return_status: bool = False
+) -> Float[Array, "d d"] | tuple[Float[Array, "d d"], Array]:
     """Upper Cholesky factor U of the inverse damped Hessian: (H + λI)⁻¹ = Uᵀ U.
 
     Args:
       H: (d, d) Hessian; percdamp: relative damping (see `damped_hessian`).
+      return_status: also return a boolean scalar ``ok`` (H finite and symmetric, H + λI
+        positive definite) instead of raising, for jitted callers (GPTQ, SpQR) whose eager
+        wrapper raises on it.
 
     Returns:
-      Upper-triangular U (exact zeros below the diagonal).
+      Upper-triangular U (exact zeros below the diagonal); ``(U, ok)`` with ``return_status``.
 
     Raises:
-      ValueError: (outside jit) the damped H is not positive definite; raise percdamp.
+      ValueError: H is not finite and symmetric, or the damped H is not positive definite
+        (raise percdamp). Checked eagerly on concrete H and, under ``jit``, when the compiled
+        code runs (`feynkit.core.validation.fail_if`: a JaxRuntimeError carrying the message).
 
     References:
       Frantar et al. (2023), "GPTQ", Section 4 (Cholesky reformulation).
@@ -113,11 +135,10 @@ def inverse_hessian_cholesky(
     eye = jnp.eye(Hd.shape[0], dtype=Hd.dtype)
     Hinv = jax.scipy.linalg.cho_solve((L, True), eye)
     U = jnp.triu(jnp.linalg.cholesky(0.5 * (Hinv + Hinv.T)).T)
-    if not isinstance(U, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(U))):
-        raise ValueError(
-            "the damped Hessian is not positive definite (Cholesky failed); increase percdamp "
-            f"(now {percdamp}) or use more calibration data."
-        )
+    ok = _hessian_ok(_as_float(H), U)
+    if return_status:
+        return U, ok
+    fail_if(~ok, HESSIAN_ERROR.format(percdamp=percdamp))
     return U
 
 

@@ -3,11 +3,44 @@ the argument and says what to pass instead."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from feynkit.core.types import Array, ArrayLike
 
-__all__ = ["check_reward_shape", "check_time_grid"]
+__all__ = ["check_finite", "check_reward_shape", "check_time_grid", "fail_if"]
+
+
+def _raise_on_host(message: str, bad: np.ndarray) -> None:
+    if bool(np.any(bad)):
+        raise ValueError(message)
+
+
+def fail_if(bad: ArrayLike, message: str) -> None:
+    """Raise ``ValueError(message)`` when any entry of the boolean ``bad`` is true.
+
+    Concrete ``bad``: raised here, at once. Traced ``bad`` (inside ``jit``, ``vmap``, ``scan``):
+    a ``jax.debug.callback`` raises the same ValueError on the host when the compiled code runs,
+    and XLA stops the computation with a ``JaxRuntimeError`` whose text carries ``message`` —
+    a data-dependent check that holds under ``jit`` without ``checkify`` at the call site. One
+    host callback per call: use it at public entry points, not inside long loops.
+    """
+    if isinstance(bad, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_raise_on_host, message), jnp.any(bad))
+    elif bool(jnp.any(jnp.asarray(bad))):
+        raise ValueError(message)
+
+
+def check_finite(x: ArrayLike, name: str, hint: str = "") -> None:
+    """`fail_if` some entry of ``x`` is NaN or ±inf, naming ``name`` (also under ``jit``)."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        return
+    msg = f"{name} contains NaN or Inf; {hint or 'pass finite values'}."
+    fail_if(~jnp.all(jnp.isfinite(x)), msg)
 
 
 def check_time_grid(

@@ -32,7 +32,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from feynkit.compression.hessian import inverse_hessian_cholesky, obs_sweep
+from feynkit.compression.hessian import HESSIAN_ERROR, inverse_hessian_cholesky, obs_sweep
 from feynkit.compression.quant.qarray import QuantizedArray, _from_codes
 from feynkit.compression.quant.rtn import (
     _check,
@@ -41,6 +41,7 @@ from feynkit.compression.quant.rtn import (
     quantize_codes,
 )
 from feynkit.core.types import Array, ArrayLike, Float
+from feynkit.core.validation import check_finite, fail_if
 
 __all__ = ["gptq_quantize"]
 
@@ -66,7 +67,7 @@ def _gptq(w, H, *, bits, gs, symmetric, percdamp, block_size, act_order, axis):
     if act_order:
         perm = jnp.argsort(-jnp.where(dead, 1.0, diag))
         W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_cholesky(H, percdamp)
+    U, ok = inverse_hessian_cholesky(H, percdamp, return_status=True)
 
     def fix(w, s, z):
         c = quantize_codes(w, s, z, bits)
@@ -115,7 +116,7 @@ def _gptq(w, H, *, bits, gs, symmetric, percdamp, block_size, act_order, axis):
         axis=axis,
         per_tensor=False,
     )
-    return q, losses
+    return q, losses, ok
 
 
 def gptq_quantize(
@@ -149,6 +150,15 @@ def gptq_quantize(
     Returns:
       The `QuantizedArray` (same layout as `quantize`), and the losses if asked.
 
+    Raises:
+      ValueError: at once (also while tracing under ``jit``) for a kernel that is not 2-D or
+        not floating point, an empty kernel, bad ``bits``/``group_size``/``axis``/``H`` shape,
+        ``percdamp`` < 0, ``block_size`` < 1. Data checks — NaN/Inf in ``w`` or ``H``, and an
+        ``H`` that is asymmetric or not positive definite after damping (the jitted sweep
+        returns a status) — raise eagerly on concrete input; under an outer ``jit`` they stop
+        the compiled run with a JaxRuntimeError carrying the same message
+        (`feynkit.core.validation.fail_if`).
+
     References:
       Frantar et al. (2023), "GPTQ", Algorithm 1.
     """
@@ -163,15 +173,14 @@ def gptq_quantize(
             f"H has shape {H.shape}; expected ({n_in}, {n_in}) for the input axis {axis} of "
             f"the kernel {w.shape}."
         )
-    if not isinstance(H, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(H))):
-        raise ValueError("H contains NaN or Inf.")
+    check_finite(H, "H", "pass the finite Hessian 2/n Σ x xᵀ of the layer inputs")
     if not percdamp >= 0:
         raise ValueError(f"percdamp={percdamp!r} must be ≥ 0 (GPTQ uses 0.01).")
     if not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size={block_size!r} must be a positive integer.")
     if gs < n_in:
         block_size = -(-block_size // gs) * gs
-    q, losses = _gptq(
+    q, losses, ok = _gptq(
         w,
         H,
         bits=int(bits),
@@ -182,4 +191,5 @@ def gptq_quantize(
         act_order=bool(act_order),
         axis=axis,
     )
+    fail_if(~ok, HESSIAN_ERROR.format(percdamp=percdamp))
     return (q, losses) if return_losses else q

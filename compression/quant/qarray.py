@@ -46,6 +46,7 @@ from feynkit.compression.quant.rtn import (
     quantize_codes,
 )
 from feynkit.core.types import Array, ArrayLike, Float, Int
+from feynkit.core.validation import fail_if
 
 __all__ = [
     "MAX_BITS",
@@ -111,6 +112,23 @@ class QuantizedArray(CompressedTensor):
     def dequantize(self) -> Array:
         """ŵ = s · (c − z), shape ``shape``, dtype ``dtype`` (see `dequantize`)."""
         return _dequantize(self)
+
+    def matmul(self, x: ArrayLike, implementation: str | None = None) -> Array:
+        """x @ ŵ (protocol ``matmul``); implementation: "pallas" (the weight-only kernel of
+        `feynkit.compression.kernels.quantized_matmul`, interpret mode off a GPU), "reference"
+        (x @ dequantize(), XLA) or None: the kernel on a GPU when it serves this layout, the
+        reference elsewhere (so CPU numerics are those of x @ dequantize())."""
+        from feynkit.compression.kernels import _common
+        from feynkit.compression.kernels import quantized_matmul as qmm
+
+        impl = _common.resolve_implementation(implementation)
+        if impl == "pallas":
+            reason = qmm.supports_quantized_array(self)
+            if reason is None:
+                return qmm.quantized_matmul(x, self, implementation="pallas")
+            if implementation == "pallas":
+                raise ValueError(f"QuantizedArray.matmul(implementation='pallas'): {reason}.")
+        return super().matmul(x)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
@@ -268,6 +286,16 @@ def quantize_with_params(
         )
     gs = w.shape[axis] // scale.shape[axis]
     _check(w, bits, axis, None if per_tensor else gs, per_tensor)
+    if not jnp.issubdtype(scale.dtype, jnp.floating):
+        raise ValueError(f"scale has dtype {scale.dtype}; pass floating-point scales.")
+    # data checks: eager on concrete arrays, at run time under jit (fail_if)
+    fail_if(
+        ~jnp.all(jnp.isfinite(scale) & (scale > 0)),
+        "scale must be finite and > 0 everywhere (a zero, negative, NaN or Inf scale gives "
+        "NaN or wrong codes); compute it with compute_qparams.",
+    )
+    if zero is not None:
+        fail_if(~jnp.all(jnp.isfinite(zero)), "zero contains NaN or Inf; pass finite zero points.")
     return _with_params(w, scale, zero, bits=bits, axis=axis, gs=gs, per_tensor=per_tensor)
 
 

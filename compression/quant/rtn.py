@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from feynkit.core.types import Array, ArrayLike, Float, Int
+from feynkit.core.validation import fail_if
 
 __all__ = ["compute_qparams", "dequantize_codes", "qrange", "quantize_codes"]
 
@@ -45,11 +46,24 @@ _STATIC = ("bits", "axis", "gs", "symmetric", "per_tensor")
 
 
 def _check(w: Array, bits: int, axis: int, group_size: int | None, per_tensor: bool):
-    """Validate and return (non-negative axis, group length)."""
+    """Validate and return (non-negative axis, group length).
+
+    Static checks (raised at once, also while tracing under ``jit``): ``bits``, a floating
+    dtype for ``w`` (integer weights would be truncated), ``axis``, a non-empty array and
+    reduction axis, ``group_size``. Data check: NaN/Inf in ``w`` raises eagerly on concrete
+    weights and, under ``jit``, when the compiled code runs (`fail_if`).
+    """
     if not isinstance(bits, int | np.integer) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"bits={bits!r}: allowed are integers {MIN_BITS}..{MAX_BITS}.")
     if w.ndim == 0:
         raise ValueError("quantization needs an array with at least one axis, got a scalar.")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(
+            f"weights w have dtype {w.dtype}; quantization needs floating-point weights "
+            "(cast with w.astype(jnp.float32): integer inputs would be truncated)."
+        )
+    if w.size == 0:
+        raise ValueError(f"weights w are empty (shape {w.shape}); pass a non-empty array.")
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(
             f"axis={axis} out of range for an array of rank {w.ndim} (shape {w.shape})."
@@ -65,8 +79,7 @@ def _check(w: Array, bits: int, axis: int, group_size: int | None, per_tensor: b
         )
     else:
         gs = int(group_size)
-    if not _is_tracer(w) and not bool(_all_finite(w)):
-        raise ValueError("weights contain NaN or Inf; quantization needs finite values.")
+    fail_if(~_all_finite(w), "weights contain NaN or Inf; quantization needs finite values of w.")
     return axis, gs
 
 

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from feynkit.compression.hessian import inverse_hessian_cholesky, obs_sweep
+from feynkit.compression.hessian import HESSIAN_ERROR, inverse_hessian_cholesky, obs_sweep
 from feynkit.compression.protocol import CompressedTensor
 from feynkit.core.types import Array, ArrayLike, Float
+from feynkit.core.validation import check_finite, fail_if
 
 __all__ = ["SpQRArray", "spqr_bits_per_weight", "spqr_dequantize", "spqr_quantize"]
 
@@ -153,7 +154,7 @@ def _spqr(w, H, tau_rel, *, bits, gs, qq_bits, qq_gs, percdamp, block_size, act_
     W = jnp.where(dead[None, :], 0.0, W)
     perm = jnp.argsort(-jnp.where(dead, 1.0, diag)) if act_order else jnp.arange(d_in)
     W, H = W[:, perm], H[perm][:, perm]
-    U = inverse_hessian_cholesky(H, percdamp)
+    U, ok = inverse_hessian_cholesky(H, percdamp, return_status=True)
     d = jnp.diagonal(U)
     tau = tau_rel * jnp.mean(jnp.var(W, axis=0, ddof=1) / d**2)
     # Pad the columns to whole groups: identity rows of U keep padded columns from touching
@@ -192,7 +193,8 @@ def _spqr(w, H, tau_rel, *, bits, gs, qq_bits, qq_gs, percdamp, block_size, act_
         Wp, Up, column_fn, block_size, group_size=gs, group_fn=group_fn, has_aux=True
     )
     sl = slice(None, d_in)
-    return Q[:, sl], codes[:, sl], outl[:, sl], stat_codes[..., ::gs], stat_par[..., ::gs], perm
+    ok = ok & jnp.all(jnp.isfinite(Q))
+    return Q[:, sl], codes[:, sl], outl[:, sl], stat_codes[..., ::gs], stat_par[..., ::gs], perm, ok
 
 
 def spqr_quantize(
@@ -222,6 +224,12 @@ def spqr_quantize(
     Returns:
       An `SpQRArray`; `spqr_dequantize` gives the kernel, `spqr_bits_per_weight` its cost.
 
+    Raises:
+      ValueError: for a kernel that is not a non-empty floating-point 2-D array, bad shapes
+        or parameters; for NaN/Inf in ``w`` or ``H`` and for an ``H`` that is asymmetric or not
+        positive definite after damping (a status from the jitted sweep). SpQR builds its
+        sparse outlier matrix on the host, so it runs eagerly only and every check raises here.
+
     References:
       Dettmers et al. (2024), "SpQR", Alg. 1.
     """
@@ -229,6 +237,13 @@ def spqr_quantize(
     H = jnp.asarray(H, jnp.float32)
     if w.ndim != 2:
         raise ValueError(f"w must be a (d_in, d_out) kernel, got shape {w.shape}.")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(
+            f"w has dtype {w.dtype}; SpQR needs floating-point weights (cast with "
+            "w.astype(jnp.float32): integer inputs would be truncated)."
+        )
+    if w.size == 0:
+        raise ValueError(f"w is empty (shape {w.shape}); pass a non-empty kernel.")
     d_in, d_out = w.shape
     if H.shape != (d_in, d_in):
         raise ValueError(f"H must be ({d_in}, {d_in}) for a kernel {w.shape}, got {H.shape}.")
@@ -238,8 +253,14 @@ def spqr_quantize(
         raise ValueError(f"group_size={group_size} must be ≥ 2 and qq_group_size ≥ 1.")
     if not outlier_threshold > 0:
         raise ValueError(f"outlier_threshold={outlier_threshold} must be > 0 (inf disables).")
+    if not percdamp >= 0:
+        raise ValueError(f"percdamp={percdamp!r} must be ≥ 0 (GPTQ/SpQR use 0.01).")
+    if not isinstance(block_size, int | np.integer) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be a positive integer.")
+    check_finite(w, "w", "SpQR needs finite weights")
+    check_finite(H, "H", "pass the finite Hessian 2/n Σ x xᵀ of the layer inputs")
     block_size = -(-block_size // group_size) * group_size
-    Q, codes, outl, stat_codes, stat_par, perm = _spqr(
+    Q, codes, outl, stat_codes, stat_par, perm, ok = _spqr(
         w,
         H,
         jnp.float32(outlier_threshold),
@@ -251,6 +272,7 @@ def spqr_quantize(
         block_size=int(block_size),
         act_order=bool(act_order),
     )
+    fail_if(~ok, HESSIAN_ERROR.format(percdamp=percdamp))
     # Sparse side matrix (host side: its size is data dependent). Positions in original order.
     outl = np.asarray(outl)
     perm_np = np.asarray(perm)
