@@ -33,6 +33,8 @@ from feynkit.compression.prune.masks import (
     topk_mask,
 )
 from feynkit.compression.prune.recipe import PruneRecipe, PruneResult, prune_tree
+from feynkit.compression.prune.sparsegpt import mask_block, sparsegpt_prune, sparsegpt_recipe
+from feynkit.compression.prune.wanda import wanda_mask, wanda_recipe, wanda_scores
 
 __all__ = [
     "GradualPruningState",
@@ -50,10 +52,16 @@ __all__ = [
     "kernel_matrix",
     "magnitude_mask",
     "magnitude_recipe",
+    "mask_block",
     "mask_sparsity",
     "nm_mask",
     "pattern_mask",
     "prune_tree",
     "pruning_masks",
+    "sparsegpt_prune",
+    "sparsegpt_recipe",
     "topk_mask",
+    "wanda_mask",
+    "wanda_recipe",
+    "wanda_scores",
 ]
