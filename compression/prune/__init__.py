@@ -1,9 +1,10 @@
 """Pruning: boolean mask pytrees, magnitude / N:M masks, `prune_tree` with the path selection of
-`quantize_tree`, and gradual magnitude pruning as an Optax transformation.
+`quantize_tree`, Wanda, SparseGPT (shared OBS sweep, joint sparsity + quantization), oBERT with
+M-FAC inverse-Fisher-vector products, and gradual magnitude pruning as an Optax transformation.
 
 Masks are boolean arrays of their leaf's shape, True = keep, in a tree of the parameters'
 structure with None at unpruned leaves (`feynkit.compression.prune.masks`). A `PruneRecipe`
-(``magnitude_recipe``, ...) prunes the leaves its regexes select:
+(``magnitude_recipe``, ``wanda_recipe``, ``sparsegpt_recipe``, ``obert_recipe``) prunes the leaves its regexes select:
 
     pruned, masks = prune_tree(params, magnitude_recipe(0.5), where=LINEAR_KERNELS)
 """
@@ -32,11 +33,29 @@ from feynkit.compression.prune.masks import (
     pattern_mask,
     topk_mask,
 )
-from feynkit.compression.prune.recipe import PruneRecipe, PruneResult, prune_tree
+from feynkit.compression.prune.mfac import MFAC, mfac, mfac_diag, mfac_ifvp
+from feynkit.compression.prune.obert import (
+    collect_gradients,
+    obert_prune,
+    obert_recipe,
+    obert_saliency,
+)
+from feynkit.compression.prune.recipe import (
+    FisherCalibration,
+    GradientStats,
+    PruneRecipe,
+    PruneResult,
+    prune_tree,
+)
+from feynkit.compression.prune.recipes import RECIPES
 from feynkit.compression.prune.sparsegpt import mask_block, sparsegpt_prune, sparsegpt_recipe
 from feynkit.compression.prune.wanda import wanda_mask, wanda_recipe, wanda_scores
 
 __all__ = [
+    "MFAC",
+    "RECIPES",
+    "FisherCalibration",
+    "GradientStats",
     "GradualPruningState",
     "PruneRecipe",
     "PruneResult",
@@ -45,6 +64,7 @@ __all__ = [
     "check_nm",
     "check_pattern",
     "check_sparsity",
+    "collect_gradients",
     "cubic_sparsity",
     "global_magnitude_masks",
     "gradual_magnitude_pruning",
@@ -54,7 +74,13 @@ __all__ = [
     "magnitude_recipe",
     "mask_block",
     "mask_sparsity",
+    "mfac",
+    "mfac_diag",
+    "mfac_ifvp",
     "nm_mask",
+    "obert_prune",
+    "obert_recipe",
+    "obert_saliency",
     "pattern_mask",
     "prune_tree",
     "pruning_masks",

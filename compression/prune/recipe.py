@@ -17,13 +17,22 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from feynkit.compression.protocol import ReshapedKernel, is_compressed
 from feynkit.compression.quant.quant_recipe import LeafStats, _as_calibration, _leaf_stats, _where
 from feynkit.compression.quant.tree import ALL_KERNELS, match_paths, path_str
 from feynkit.core.types import Array, PyTree
 
-__all__ = ["PruneRecipe", "PruneResult", "prune_tree"]
+__all__ = ["FisherCalibration", "GradientStats", "PruneRecipe", "PruneResult", "prune_tree"]
+
+
+class FisherCalibration(NamedTuple):
+    """Per-kernel gradients for empirical-Fisher methods (oBERT): path → (m, *kernel shape),
+    one gradient per calibration mini-batch (`feynkit.compression.prune.obert.collect_gradients`)."""
+
+    gradients: dict[str, Array]
+    num_samples: int
 
 
 class PruneResult(NamedTuple):
@@ -65,8 +74,22 @@ class PruneRecipe:
 
     def __call__(self, params: PyTree, calibration=None) -> PruneResult:
         """Prune every selected leaf; see `prune_tree`."""
-        calib = _as_calibration(calibration)
-        if self.needs_calibration and calib is None:
+        fisher = calibration if isinstance(calibration, FisherCalibration) else None
+        if "gradients" in self.stats:
+            if fisher is None:
+                raise ValueError(
+                    f"recipe {self.name!r} needs per-batch gradients; pass calibration="
+                    "collect_gradients(loss_fn, params, batches, where=recipe.where)."
+                )
+            calib = None
+        else:
+            if fisher is not None:
+                raise ValueError(
+                    f"recipe {self.name!r} reads Hessians, not gradients; pass "
+                    "calibration=calibrate(apply_fn, params, inputs, where=recipe.where)."
+                )
+            calib = _as_calibration(calibration)
+        if self.needs_calibration and calib is None and fisher is None:
             raise ValueError(
                 f"recipe {self.name!r} needs calibration statistics ({', '.join(self.stats)}); "
                 "pass calibration=calibrate(apply_fn, params, inputs, where=recipe.where)."
@@ -100,7 +123,9 @@ class PruneRecipe:
                 masks.append(None)
                 continue
             w2 = mats[path]
-            stats = _leaf_stats(self, calib, path, w2)
+            stats = _leaf_stats(self, calib, path, w2) if fisher is None else _grad_stats(
+                fisher, path, w2
+            )
             try:
                 out, mask = self.prune(w2, stats, selected.index(path), ctx)
             except ValueError as e:
@@ -116,6 +141,24 @@ class PruneRecipe:
             jax.tree_util.tree_unflatten(treedef, new_leaves),
             jax.tree_util.tree_unflatten(treedef, masks),
         )
+
+
+class GradientStats(NamedTuple):
+    """What an empirical-Fisher recipe's ``prune`` receives: (m, d_in, d_out) gradients."""
+
+    gradients: Array
+
+
+def _grad_stats(fisher: FisherCalibration, path: str, w2: Array):
+    if path not in fisher.gradients:
+        raise ValueError(
+            f"no gradients for {path}; they cover {sorted(fisher.gradients)[:6]} — collect them "
+            "with the recipe's where."
+        )
+    g = jnp.asarray(fisher.gradients[path])
+    if g.ndim < 2 or g.shape[1:] != w2.shape and int(np.prod(g.shape[1:])) != w2.size:
+        raise ValueError(f"{path}: gradients {g.shape} do not fit the kernel {w2.shape}.")
+    return GradientStats(g.reshape(g.shape[0], *w2.shape))
 
 
 def prune_tree(
