@@ -38,7 +38,12 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from feynkit.compression.protocol import CompressedTensor, array_bits
+from feynkit.compression.protocol import (
+    CompressedTensor,
+    _check_matmul_input,
+    array_bits,
+    kernel_matrix_shape,
+)
 from feynkit.core.types import Array, ArrayLike
 
 __all__ = [
@@ -89,8 +94,17 @@ class DFloat11Array(CompressedTensor):
     def nbits(self) -> int:
         return array_bits(*jax.tree.leaves(self))
 
-    def dequantize(self) -> Array:
-        return dfloat11_decompress(self).astype(self.dtype)
+    def dequantize(self, implementation: str | None = None) -> Array:
+        return dfloat11_decompress(self, implementation).astype(self.dtype)
+
+    def matmul(self, x: ArrayLike, implementation: str | None = None) -> Array:
+        """x @ Ŵ after decoding Ŵ (``implementation`` as in `dfloat11_decompress`)."""
+        x = jnp.asarray(x)
+        w = self.dequantize(implementation)
+        w = w.reshape(kernel_matrix_shape(w.shape))
+        _check_matmul_input(x, w.shape[0], type(self).__name__)
+        dt = jnp.promote_types(x.dtype, w.dtype)
+        return jnp.matmul(x.astype(dt), w.astype(dt))
 
 
 def split_bf16(x: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
@@ -274,9 +288,21 @@ def _window(words: Array, pos: Array) -> Array:
     return hi | lo
 
 
+def dfloat11_decompress(d: DFloat11Array, implementation: str | None = None) -> Array:
+    """Decode a `DFloat11Array` to the original bf16 tensor, bit-exact (jit-able).
+
+    implementation: "pallas" (the block-parallel kernel of
+    `feynkit.compression.kernels.dfloat11_decode`; interpret mode off a GPU), "reference" (the
+    JAX decoder below) or None: the kernel on a GPU, the reference elsewhere.
+    """
+    from feynkit.compression.kernels.dfloat11_decode import dfloat11_decode
+
+    return dfloat11_decode(d, implementation=implementation)
+
+
 @jax.jit
-def dfloat11_decompress(d: DFloat11Array) -> Array:
-    """Decode a `DFloat11Array` to the original bf16 tensor, bit-exact (JAX, jit-able).
+def _dfloat11_decompress_jax(d: DFloat11Array) -> Array:
+    """The JAX decoder of `dfloat11_decompress` (bit-exact).
 
     Each block decodes its ``block_size`` codes sequentially (`lax.scan`) from its stored bit
     offset; blocks run in parallel (`jax.vmap`). A 32-bit window w at the current position gives

@@ -118,14 +118,16 @@ class QuantizedArray(CompressedTensor):
         `feynkit.compression.kernels.quantized_matmul`, interpret mode off a GPU), "reference"
         (x @ dequantize(), XLA) or None: the kernel on a GPU when it serves this layout, the
         reference elsewhere (so CPU numerics are those of x @ dequantize())."""
-        from feynkit.compression.kernels import _common
-        from feynkit.compression.kernels import quantized_matmul as qmm
+        from feynkit.compression.kernels._common import resolve_implementation
+        from feynkit.compression.kernels.quantized_matmul import (
+            quantized_matmul,
+            supports_quantized_array,
+        )
 
-        impl = _common.resolve_implementation(implementation)
-        if impl == "pallas":
-            reason = qmm.supports_quantized_array(self)
+        if resolve_implementation(implementation) == "pallas":
+            reason = supports_quantized_array(self)
             if reason is None:
-                return qmm.quantized_matmul(x, self, implementation="pallas")
+                return quantized_matmul(x, self, implementation="pallas")
             if implementation == "pallas":
                 raise ValueError(f"QuantizedArray.matmul(implementation='pallas'): {reason}.")
         return super().matmul(x)

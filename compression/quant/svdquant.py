@@ -81,8 +81,10 @@ class SVDQuantLinear(CompressedTensor):
         w = self.l1.astype(f32) @ self.l2.astype(f32) + dequantize(self.residual).astype(f32)
         return (self.inv_smooth[:, None] * w).astype(self.dtype)
 
-    def matmul(self, x: Float[ArrayLike, "... d_in"]) -> Float[Array, "... d_out"]:
-        return svdquant_apply(self, x)
+    def matmul(
+        self, x: Float[ArrayLike, "... d_in"], implementation: str | None = None
+    ) -> Float[Array, "... d_out"]:
+        return svdquant_apply(self, x, implementation)
 
 
 def svdquant_linear(
@@ -138,12 +140,32 @@ def svdquant_linear(
 
 
 def svdquant_apply(
-    layer: SVDQuantLinear, x: Float[ArrayLike, "... d_in"]
+    layer: SVDQuantLinear, x: Float[ArrayLike, "... d_in"], implementation: str | None = None
 ) -> Float[Array, "... d_out"]:
-    """ŷ = X̂ L₁ L₂ (16-bit branch, unquantized activations) + Q_a(X̂) · Q(R), X̂ = x / λ."""
+    """ŷ = X̂ L₁ L₂ (16-bit branch, unquantized activations) + Q_a(X̂) · Q(R), X̂ = x / λ.
+
+    implementation: "pallas" runs both products in one kernel
+    (`feynkit.compression.kernels.svdquant_fused`; interpret mode off a GPU), "reference" as
+    separate XLA products, None: the kernel on a GPU when it serves the residual's layout.
+    """
+    from feynkit.compression.kernels._common import resolve_implementation
+    from feynkit.compression.kernels.quantized_matmul import supports_quantized_array
+    from feynkit.compression.kernels.svdquant_fused import svdquant_fused_matmul
+
     x = jnp.asarray(x)
     _check_matmul_input(x, layer.inv_smooth.shape[0], "SVDQuantLinear")
     xs = x * layer.inv_smooth.astype(x.dtype).reshape((1,) * (x.ndim - 1) + (-1,))
-    low = (xs @ layer.l1.astype(x.dtype)) @ layer.l2.astype(x.dtype)
     xq = xs if layer.a_bits is None else quantize_activations(xs, layer.a_bits, layer.a_group_size)
-    return low + xq @ dequantize(layer.residual).astype(x.dtype)
+    r = layer.residual
+    if resolve_implementation(implementation) == "pallas":
+        reason = supports_quantized_array(r)
+        if reason is None:
+            return svdquant_fused_matmul(
+                xs, layer.l1, layer.l2, r.codes, r.scale, r.zero,
+                x_quant=None if layer.a_bits is None else xq, bits=r.bits,
+                group_size=r.group_size, k=r.shape[0], implementation="pallas",
+            )
+        if implementation == "pallas":
+            raise ValueError(f"svdquant_apply(implementation='pallas'): {reason}.")
+    low = (xs @ layer.l1.astype(x.dtype)) @ layer.l2.astype(x.dtype)
+    return low + xq @ dequantize(r).astype(x.dtype)
