@@ -11,9 +11,11 @@ way, so the extra evaluation buys nothing. Two `Guidance` methods for `sampler.s
   stays below a threshold γ̄; from the first evaluation at which γ_t ≥ γ̄ on, the conditional
   prediction alone for every remaining step (optionally, the switch is allowed only below a
   time t_max_switch: with α_t ≈ 0 both ε̂ ≈ x_t/σ_t, so γ_t starts near 1, dips while the
-  branches disagree and rises again). The decision is taken for the whole batch (all
-  samples, or their mean similarity, must pass): per-sample decisions would still evaluate
-  the unconditional branch for the batch inside the sampler's `lax.cond`, saving no time.
+  branches disagree and rises again). The paper's rule is per sample (``reduce="sample"``):
+  each sample switches when its own γ_t passes γ̄ (≈ 0.991–0.996 on Stable Diffusion); in a
+  batch the unconditional branch is then evaluated while any sample still guides, and the
+  state counts each sample's guided evaluations (``guided``), i.e. the evaluations a
+  per-sample deployment spends. ``reduce="all"``/``"mean"`` take one decision for the batch.
 - `linear_ag` (LinearAG): in a chosen range of steps the unconditional prediction is not
   evaluated but estimated as a per-step linear combination of the current conditional and
   the H previous conditional and unconditional predictions,
@@ -21,8 +23,12 @@ way, so the extra evaluation buys nothing. Two `Guidance` methods for `sampler.s
       ε̂_u(t_i) ≈ β_i,0 ε̂_c(t_i) + Σ_{h=1..H} (β_i,2h−1 ε̂_c(t_{i−h}) + β_i,2h ε̂_u(t_{i−h})),
 
   with scalar coefficients β_i fit by least squares on CFG calibration runs
-  (`fit_linear_ag`, `linear_ag_calibration`). In a run the history holds the estimates
-  where the evaluation was replaced.
+  (`fit_linear_ag`, `linear_ag_calibration`). Estimates are not fed back: where an
+  evaluation was replaced its history slot of ε̂_u holds zeros, and `fit_linear_ag` given the
+  same ``replaced`` steps drops those features, so the fit sees exactly what the run has. The
+  paper's schedule: estimate every other step of the first half, and from the second half on
+  the conditional prediction alone (``cond_only_from``, AG's late steps) — 25 evaluations of 40
+  at 20 steps.
 
 Both count steps by evaluations of ``combine`` (one per step for DDIM-like solvers; Heun
 calls it twice per step).
@@ -54,12 +60,14 @@ __all__ = [
     "fit_linear_ag",
     "linear_ag",
     "linear_ag_calibration",
+    "linear_ag_replaced",
 ]
 
 
 class AdaptiveGuidanceState(NamedTuple):
-    """AG's state: ``active`` (still guiding: evaluate the unconditional branch), the last
-    batch-level similarity ``gamma``, and the number of guided evaluations ``guided``."""
+    """AG's state: ``active`` (still guiding), the last similarity ``gamma`` and the number of
+    guided evaluations ``guided`` — scalars for a batch decision, per sample (b,) with
+    ``reduce="sample"``."""
 
     active: Array
     gamma: Array
@@ -100,14 +108,16 @@ def adaptive_guidance(
         ε̂ = ε̂_u + w (ε̂_c − ε̂_u)   while active;   ε̂ = ε̂_c   afterwards;
         active ← active ∧ ¬[R_b γ_t^(b) ≥ γ̄],   γ_t^(b) = cos(ε̂_c^(b), ε̂_u^(b)) (or of x̂₀),
 
-    with R the batch reduction: "all" (min over the batch: every sample has converged) or
-    "mean". The step at which the switch happens still uses CFG (both predictions exist).
+    with R the reduction: "sample" (per sample, the paper's rule: each sample has its own
+    switch), or one decision for the batch, "all" (min over the batch: every sample has
+    converged) or "mean". The step at which the switch happens still uses CFG (both
+    predictions exist).
 
     Args:
       scale: guidance weight w (w = 1: conditional sampling; the usual CFG w > 1).
       threshold: γ̄; above 1 never switches (plain CFG), at or below −1 switches after the
         first step.
-      reduce: "all" or "mean", how per-sample similarities make the batch decision.
+      reduce: "sample" (per-sample switches), or "all" / "mean" (a batch decision).
       t_max_switch: the switch is considered only at times t ≤ t_max_switch (None: at every
         step, as in the paper). On VP schedules both ε̂ are ≈ x_t/σ_t near t = 1 (α_t ≈ 0), so
         their cosine starts near 1 before the branches diverge; this keeps AG from stopping
@@ -125,21 +135,30 @@ def adaptive_guidance(
       Castillo et al. (2023), "Adaptive Guidance: Training-free Acceleration of Conditional
       Diffusion Models" (AG).
     """
-    if reduce not in ("all", "mean"):
-        raise ValueError(f"reduce must be 'all' or 'mean', got {reduce!r}.")
+    if reduce not in ("sample", "all", "mean"):
+        raise ValueError(f"reduce must be 'sample', 'all' or 'mean', got {reduce!r}.")
     if on not in ("eps", "x0"):
         raise ValueError(f"on must be 'eps' or 'x0', got {on!r}.")
+    per_sample = reduce == "sample"
 
     def init(x: Array) -> AdaptiveGuidanceState:
+        shape = x.shape[:1] if per_sample else ()
         return AdaptiveGuidanceState(
-            jnp.asarray(True), jnp.asarray(-1.0, x.dtype), jnp.zeros((), jnp.int32)
+            jnp.ones(shape, bool), jnp.full(shape, -1.0, x.dtype), jnp.zeros(shape, jnp.int32)
         )
 
     def combine(cond: Prediction, uncond: Prediction, state: AdaptiveGuidanceState, t: Array):
         sims = cosine_similarity(getattr(cond, on), getattr(uncond, on))
-        gamma = jnp.min(sims) if reduce == "all" else jnp.mean(sims)
-        # Inactive steps receive the conditional prediction twice, for which CFG is the identity.
-        out = _cfg(cond, uncond, scale)
+        if per_sample:
+            gamma = sims
+            # a switched sample gets ε̂_c (its branch may still be evaluated for the others)
+            guided = _cfg(cond, uncond, scale)
+            keep = state.active.reshape(-1, *([1] * (cond.eps.ndim - 1)))
+            out = jax.tree.map(lambda g, c: jnp.where(keep, g, c), guided, cond)
+        else:
+            gamma = jnp.min(sims) if reduce == "all" else jnp.mean(sims)
+            # Inactive steps get the conditional prediction twice: CFG is then the identity.
+            out = _cfg(cond, uncond, scale)
         gamma = jnp.where(state.active, gamma, state.gamma).astype(state.gamma.dtype)
         allowed = True if t_max_switch is None else t <= t_max_switch
         new = AdaptiveGuidanceState(
@@ -149,8 +168,10 @@ def adaptive_guidance(
         )
         return out, new
 
-    params = {"scale": scale, "threshold": threshold}
-    return Guidance(init, combine, lambda state, t: state.active, "adaptive_guidance", params)
+    params = {"scale": scale, "threshold": threshold, "reduce": reduce}
+    return Guidance(
+        init, combine, lambda state, t: jnp.any(state.active), "adaptive_guidance", params
+    )
 
 
 def _features(eps_c: Array, hist_c: Array, hist_u: Array) -> Array:
@@ -166,6 +187,7 @@ def linear_ag(
     start_step: int,
     end_step: int | None = None,
     every: int = 1,
+    cond_only_from: int | None = None,
 ) -> Guidance:
     """LinearAG: CFG whose unconditional evaluations in steps [start, end) are estimated.
 
@@ -173,7 +195,10 @@ def linear_ag(
         x̂₀,u = x̂₀,c + (σ_t/α_t)(ε̂_c − ε̂_u),
 
     then CFG ε̂ = ε̂_u + w (ε̂_c − ε̂_u) (and the same for x̂₀). Steps i with
-    ``start ≤ i < end`` and ``(i − start) % every == 0`` skip the unconditional network call.
+    ``start ≤ i < end`` and ``(i − start) % every == 0`` skip the unconditional network call
+    (`linear_ag_replaced` gives that mask, for `fit_linear_ag`); steps i ≥ `cond_only_from`
+    use the conditional prediction alone (AG's late steps). The history keeps the real ε̂_u
+    and zeros where it was estimated (estimates are not fed back).
 
     Args:
       scale: guidance weight w.
@@ -182,6 +207,8 @@ def linear_ag(
       start_step, end_step: the range of evaluations (0-based) whose unconditional branch is
         estimated; ``end_step`` defaults to the number of rows of `coefficients`.
       every: estimate every `every`-th step of the range (2: alternate real and estimated).
+      cond_only_from: from this evaluation on, no guidance and no unconditional call (None:
+        never).
 
     Returns:
       A `Guidance` with state `LinearAGState`.
@@ -202,12 +229,18 @@ def linear_ag(
             f"need 0 ≤ start_step ≤ end_step ≤ {n} and every ≥ 1, got start_step={start_step}, "
             f"end_step={end_step}, every={every}."
         )
-    idx = np.arange(n + 1)
-    mask = (idx >= start_step) & (idx < end_step) & ((idx - start_step) % every == 0)
+    if cond_only_from is not None and not 0 <= cond_only_from <= n:
+        raise ValueError(f"need 0 ≤ cond_only_from ≤ {n}, got cond_only_from={cond_only_from}.")
+    mask = np.append(linear_ag_replaced(n, start_step, end_step, every), False)
     replace = jnp.asarray(mask)  # entry n (past the grid) is False
+    idx = np.arange(n + 1)
+    late = jnp.asarray(idx >= (n + 1 if cond_only_from is None else cond_only_from))
 
     def replaced(step: Array) -> Array:
         return replace[jnp.minimum(step, n)]
+
+    def cond_only(step: Array) -> Array:
+        return late[jnp.minimum(step, n)]
 
     def init(x: Array) -> LinearAGState:
         zeros = jnp.zeros((history, *x.shape), x.dtype)
@@ -220,11 +253,14 @@ def linear_ag(
         eps_est = jnp.tensordot(beta, feats, axes=1)
         ratio = schedule.sigma(t) / schedule.alpha(t)
         est = Prediction(cond.x0 + ratio * (cond.eps - eps_est), eps_est)
+        real_u = uncond.eps
         uncond = jax.tree.map(lambda e, u: jnp.where(rep, e, u), est, uncond)
-        out = _cfg(cond, uncond, scale)
+        guided = _cfg(cond, uncond, scale)
+        out = jax.tree.map(lambda c, g: jnp.where(cond_only(state.step), c, g), cond, guided)
         if history:
             hist_c = jnp.concatenate([cond.eps[None], state.eps_cond[:-1]])
-            hist_u = jnp.concatenate([uncond.eps[None], state.eps_uncond[:-1]])
+            kept = jnp.where(rep, jnp.zeros_like(real_u), real_u)  # no estimate fed back
+            hist_u = jnp.concatenate([kept[None], state.eps_uncond[:-1]])
         else:
             hist_c, hist_u = state.eps_cond, state.eps_uncond
         return out, LinearAGState(state.step + 1, hist_c, hist_u)
@@ -232,12 +268,22 @@ def linear_ag(
     return Guidance(
         init,
         combine,
-        lambda state, t: ~replaced(state.step),
+        lambda state, t: ~replaced(state.step) & ~cond_only(state.step),
         "linear_ag",
         {"scale": scale},
         # the history runs over samples on axis 1 (axis 0 is the step), the counter per run
         state_axes=lambda s: LinearAGState(None, 1, 1),
     )
+
+
+def linear_ag_replaced(
+    num_steps: int, start_step: int, end_step: int | None = None, every: int = 1
+) -> np.ndarray:
+    """The (num_steps,) mask of the evaluations `linear_ag` estimates: ``start ≤ i < end`` and
+    ``(i − start) % every == 0``."""
+    end_step = num_steps if end_step is None else end_step
+    idx = np.arange(num_steps)
+    return (idx >= start_step) & (idx < end_step) & ((idx - start_step) % every == 0)
 
 
 @functools.partial(jax.jit, static_argnames="history")
@@ -246,6 +292,7 @@ def fit_linear_ag(
     eps_uncond: Float[ArrayLike, "steps b ..."],
     history: int = 1,
     ridge: float = 1e-6,
+    replaced: ArrayLike | None = None,
 ) -> Float[Array, "steps k"]:
     """Least-squares LinearAG coefficients, one scalar per feature and step.
 
@@ -260,6 +307,9 @@ def fit_linear_ag(
         shape (num_steps, batch, ...), e.g. from `linear_ag_calibration`.
       history: H, the number of past steps used.
       ridge: relative Tikhonov regularisation.
+      replaced: the (num_steps,) mask of steps whose ε̂_u the run estimates
+        (`linear_ag_replaced`): their ε̂_u is not in the run's history, so the fit drops it
+        as a feature of later steps (coefficient 0). None: every step is real.
 
     Returns:
       Coefficients of shape (num_steps, 1 + 2H) for `linear_ag`.
@@ -277,12 +327,18 @@ def fit_linear_ag(
         raise ValueError(f"history must be ≥ 0, got {history}.")
     n = ec.shape[0]
     pad = jnp.zeros((history, *ec.shape[1:]), ec.dtype)
+    if replaced is not None:
+        rep = jnp.asarray(replaced, bool).reshape(n, *([1] * (ec.ndim - 1)))
+        eu_hist = jnp.where(rep, 0.0, eu)  # the history the run keeps
+    else:
+        eu_hist = eu
     ec_p, eu_p = jnp.concatenate([pad, ec]), jnp.concatenate([pad, eu])
+    eu_hist_p = jnp.concatenate([pad, eu_hist])
 
     def one(i):
         cur = jax.lax.dynamic_index_in_dim(ec_p, i + history, keepdims=False)
         past_c = jax.lax.dynamic_slice_in_dim(ec_p, i, history)[::-1]
-        past_u = jax.lax.dynamic_slice_in_dim(eu_p, i, history)[::-1]
+        past_u = jax.lax.dynamic_slice_in_dim(eu_hist_p, i, history)[::-1]
         f = _features(cur, past_c, past_u).reshape(1 + 2 * history, -1)
         y = jax.lax.dynamic_index_in_dim(eu_p, i + history, keepdims=False).reshape(-1)
         gram = f @ f.T

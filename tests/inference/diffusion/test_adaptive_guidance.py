@@ -14,6 +14,7 @@ from feynkit.inference.diffusion.adaptive_guidance import (
     fit_linear_ag,
     linear_ag,
     linear_ag_calibration,
+    linear_ag_replaced,
 )
 
 SCHEDULE = LinearSchedule()
@@ -204,8 +205,82 @@ def test_linear_ag_combine_uses_the_estimate():
     e_u_est = 0.5 * 2.0 + 0.25 * 1.0 + 2.0 * -1.0
     np.testing.assert_allclose(out.eps, e_u_est + 2.0 * (2.0 - e_u_est), rtol=1e-6)
     np.testing.assert_allclose(a * out.x0 + s * out.eps, x, rtol=1e-5)  # consistent pair
-    np.testing.assert_allclose(st.eps_uncond[0], e_u_est)
+    np.testing.assert_allclose(st.eps_uncond[0], 0.0)  # the estimate is not fed back
+    np.testing.assert_allclose(st.eps_cond[0], e_c1)
     assert bool(g.needs_uncond(st, t))  # past the coefficients' range: evaluate again
+
+
+def test_ag_per_sample_switches_each_sample_as_if_run_alone():
+    """reduce="sample": in a batch every sample follows its own switch — the same result and
+    the same guided count as running that sample alone with a batch decision."""
+    n, thr = 6, 0.999
+    g = adaptive_guidance(W, thr, reduce="sample", t_max_switch=0.6)
+    x_b, info_b = _run(g, n=n, key=3)
+    x0 = jax.random.normal(jax.random.key(3), (n, 2))
+    alone = adaptive_guidance(W, thr, reduce="all", t_max_switch=0.6)
+
+    def one(x):
+        return sample(
+            jax.random.key(1),
+            ddim(SCHEDULE),
+            _exact_model(),
+            x[None],
+            time_grid(STEPS),
+            guidance=alone,
+            cond={"label": jnp.ones(1, jnp.int32)},
+            uncond={"label": jnp.zeros(1, jnp.int32)},
+        )
+
+    x_a, info_a = jax.vmap(one)(x0)
+    np.testing.assert_allclose(x_b, x_a[:, 0], rtol=1e-5, atol=1e-5)
+    nfe = np.asarray(info_a.nfe)
+    assert nfe.min() < nfe.max() or nfe.min() < 2 * STEPS  # some sample switched
+    assert int(info_b.nfe) == nfe.max()  # the batch evaluates uncond while any sample guides
+    # the state's per-sample guided count gives each sample's own evaluations
+    st = g.init(x0)
+    c = Prediction(x0, jnp.array([[1.0, 0.0]] * n))
+    u = Prediction(x0, jnp.array([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3))
+    _, st = g.combine(c, u, st, jnp.asarray(0.5))
+    np.testing.assert_array_equal(st.active, [False] * 3 + [True] * 3)
+    np.testing.assert_array_equal(st.guided, [1] * n)
+
+
+def test_fit_linear_ag_drops_features_that_the_run_estimates():
+    """With `replaced`, ε̂_u of an estimated step is not a feature of the next step: its
+    coefficient is exactly 0, and the others are refit on what remains (here exactly)."""
+    key = jax.random.key(4)
+    ec = jax.random.normal(key, (6, 16, 5))
+    eu = 0.8 * ec + 0.1 * jnp.roll(ec, 1, axis=0)
+    rep = linear_ag_replaced(6, 1, 4, every=2)
+    np.testing.assert_array_equal(rep, [False, True, False, True, False, False])
+    coefs = fit_linear_ag(ec, eu, history=1, ridge=0.0, replaced=rep)
+    np.testing.assert_allclose(coefs[[2, 4], 2], 0.0, atol=1e-7)
+    np.testing.assert_allclose(coefs[2:, :2], np.tile([0.8, 0.1], (4, 1)), atol=1e-4)
+
+
+def test_linear_ag_cond_only_from_is_cfg_then_conditional():
+    k = 5
+    ident = jnp.zeros((STEPS, 3)).at[:, 0].set(1.0)
+    g = linear_ag(W, ident, SCHEDULE, start_step=0, end_step=0, cond_only_from=k)
+    x_l, info = _run(g, n=32)
+    assert int(info.nfe) == 2 * k + (STEPS - k)
+    x0 = jax.random.normal(jax.random.key(0), (32, 2))
+    ts = time_grid(STEPS)
+    lab = {"label": jnp.ones(32, jnp.int32)}
+    x1, _ = sample(
+        jax.random.key(1),
+        ddim(SCHEDULE),
+        _exact_model(),
+        x0,
+        ts[: k + 1],
+        guidance=_cfg(W),
+        cond=lab,
+        uncond={"label": jnp.zeros(32, jnp.int32)},
+    )
+    x_ref, _ = sample(jax.random.key(1), ddim(SCHEDULE), _exact_model(), x1, ts[k:], cond=lab)
+    np.testing.assert_allclose(x_l, x_ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="cond_only_from"):
+        linear_ag(W, ident, SCHEDULE, start_step=0, cond_only_from=STEPS + 1)
 
 
 def test_linear_ag_beats_dropping_guidance_on_the_same_steps():
