@@ -6,9 +6,13 @@
 from feynkit.core.numerics import bisect
 from feynkit.core.resampling import (
     RESAMPLERS,
+    ProbabilityVectorWarning,
     adaptive_resample,
     get_resampler,
+    log_weights_ok,
     multinomial_resample,
+    offspring_counts,
+    resample,
     resample_particles,
     residual_resample,
     stratified_resample,
@@ -34,6 +38,7 @@ from feynkit.core.weights import (
 __all__ = [
     "RESAMPLERS",
     "CosineSchedule",
+    "ProbabilityVectorWarning",
     "LinearSchedule",
     "RectifiedFlowSchedule",
     "VPSchedule",
@@ -48,8 +53,11 @@ __all__ = [
     "get_schedule",
     "log_ess",
     "log_mean_exp",
+    "log_weights_ok",
     "multinomial_resample",
     "normalize_log_weights",
+    "offspring_counts",
+    "resample",
     "resample_particles",
     "residual_resample",
     "stratified_resample",
