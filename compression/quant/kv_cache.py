@@ -5,7 +5,10 @@ A `KVCompressor` maps a block of cache entries — keys and values of shape
 probabilities — to the entries the decoder will read back and the bytes their compressed form
 occupies. The storage is simulated exactly: the decoder reads decompress(compress(entries)).
 
-`compressed_decode_logits` runs a model with an explicit KV-cache pytree
+`compressed_decode_logits` runs, through the decoding loop's teacher-forced
+`feynkit.inference.decoding.forced_logits` (the compressor as its ``kv_compress`` argument,
+`kv_compress_hook`; the same hook plugs into `feynkit.inference.decoding.generate`), a model
+with an explicit KV-cache pytree
 (``model.init_cache``, ``model.step(params, tokens, cache, position)``, a cache with fields
 ``k``, ``v`` of that layout, e.g. `feynkit.models.TransformerLM`):
 
@@ -38,6 +41,7 @@ from feynkit.compression.quant.kv_ems import (
 )
 from feynkit.compression.quant.kv_gear import gear_compress
 from feynkit.core.types import Array, ArrayLike, Float, Int, PyTree
+from feynkit.inference.decoding.loop import KVCompressFn, forced_logits
 
 __all__ = [
     "KVCompressor",
@@ -45,6 +49,7 @@ __all__ = [
     "ems_kv_compressor",
     "gear_kv_compressor",
     "identity_kv_compressor",
+    "kv_compress_hook",
     "lm_attention_probs",
     "uniform_kv_compressor",
 ]
@@ -275,39 +280,36 @@ def compressed_decode_logits(
     References:
       Kang et al. (2024), "GEAR", arXiv:2403.05527 (streaming buffer).
     """
-    tokens = jnp.asarray(tokens)
-    b, t = tokens.shape
-    if not 1 <= prefix_len < t:
-        raise ValueError(f"prefix_len must be in [1, {t - 1}] for {t} tokens, got {prefix_len}.")
     if recompress_every is not None and (recompress_every < 1 or compressor.needs_attention):
         raise ValueError(
             "recompress_every must be a positive chunk length, and only for compressors that "
             "do not need attention statistics (use None for EMS)."
         )
-    cache = model.init_cache(b, t)
-    _, cache = model.step(params, tokens[:, :prefix_len], cache, 0)
-    probs = (
-        lm_attention_probs(model, params, tokens[:, :prefix_len])
-        if (compressor.needs_attention)
-        else None
+    logits, (nbytes, fp16) = forced_logits(
+        model,
+        params,
+        tokens,
+        prefix_len=prefix_len,
+        chunk=recompress_every,
+        kv_compress=kv_compress_hook(model, params, compressor),
     )
-    k_hat, v_hat, nbytes = compressor.compress(
-        cache.k[:, :, :prefix_len], cache.v[:, :, :prefix_len], probs
-    )
-    cache = _replace(cache, 0, k_hat, v_hat)
-    fp16 = 2 * 2 * k_hat.size
-    chunk = t - prefix_len if recompress_every is None else recompress_every
-    logits = []
-    for start in range(prefix_len, t, chunk):
-        stop = min(start + chunk, t)
-        out, cache = model.step(params, tokens[:, start:stop], cache, start)
-        logits.append(out)
-        if recompress_every is not None and stop - start == chunk:
-            k_new = cache.k[:, :, start:stop]
-            v_new = cache.v[:, :, start:stop]
-            k_hat, v_hat, nb = compressor.compress(k_new, v_new, None)
-            cache = _replace(cache, start, k_hat, v_hat)
-            nbytes += nb
-            fp16 += 2 * 2 * k_new.size
-    info = KVCacheInfo(jnp.asarray(nbytes, jnp.float32), jnp.asarray(fp16, jnp.float32))
-    return jnp.concatenate(logits, axis=1), info
+    return logits, KVCacheInfo(nbytes, fp16)
+
+
+def kv_compress_hook(model: Any, params: PyTree, compressor: KVCompressor) -> KVCompressFn:
+    """The `KVCompressor` as the decoding loop's ``kv_compress`` argument
+    (`feynkit.inference.decoding.generate`, `forced_logits`): compresses the cache slots
+    [start, stop) in place and reports (compressed bytes, fp16 bytes) of those entries.
+
+    The attention probabilities a compressor needs are those of the written tokens
+    (`lm_attention_probs` of the chunk, positions from 0: the prefill)."""
+
+    def hook(cache, tokens, start, stop):
+        probs = lm_attention_probs(model, params, tokens) if compressor.needs_attention else None
+        k_hat, v_hat, nbytes = compressor.compress(
+            cache.k[:, :, start:stop], cache.v[:, :, start:stop], probs
+        )
+        stats = (jnp.asarray(nbytes, jnp.float32), jnp.asarray(2 * 2 * k_hat.size, jnp.float32))
+        return _replace(cache, start, k_hat, v_hat), stats
+
+    return hook
