@@ -10,6 +10,8 @@ model cache (`train.cached_train`): a hit restores the parameters, a miss trains
   `trained_lm`             byte-level TransformerLM on the Python standard library's source;
   `load_lm`                `trained_lm` with its corpus, for a replication config with
                            ``cache_dir`` and ``lm_smoke``;
+  `trained_draft_lm`       a smaller byte LM (same recipe) as a speculative-decoding draft;
+  `trained_medusa_heads`   Medusa-1 heads trained on the frozen byte LM;
   `trained_vae`            Bernoulli VAE on binarised digits.
 
 A loader's `ex` is its model config (`ToyModelConfig`, `DigitsModelsConfig`, `LMConfig`,
@@ -39,6 +41,8 @@ from feynkit.experiments.data import (
     gaussian_mixture_2d,
     load_digits_split,
     load_stdlib_corpus,
+    split_files,
+    stdlib_source_files,
 )
 from feynkit.models import VAE, ImageClassifier, ScoreMLP, TransformerLM, UNet
 
@@ -49,17 +53,22 @@ __all__ = [
     "DIGITS_SMOKE",
     "VAE_SMOKE",
     "DigitsModelsConfig",
+    "LM_FINETUNE_SUBSETS",
     "LMConfig",
     "ToyModelConfig",
     "VAEModelConfig",
     "binarize",
     "digits_judge",
+    "finetuned_lms",
     "lm_corpus",
     "load_lm",
     "model_config",
+    "package_corpus",
     "penultimate_features",
     "trained_digits_models",
+    "trained_draft_lm",
     "trained_lm",
+    "trained_medusa_heads",
     "trained_toy_model",
     "trained_vae",
 ]
@@ -476,6 +485,84 @@ def trained_lm(
     return model, cached
 
 
+def trained_draft_lm(
+    ex: LMConfig | Any | None = None,
+    seed: int = 0,
+    corpus=None,
+    smoke: bool = False,
+    *,
+    d_model: int,
+    num_layers: int,
+    num_heads: int,
+    mlp_dim: int,
+) -> tuple[TransformerLM, tr.CachedModel]:
+    """A smaller draft LM for speculative decoding: `trained_lm` with the architecture replaced
+    (same corpus, vocabulary, training recipe and cache)."""
+    ex = model_config(LMConfig, ex, smoke)
+    arch = dict(d_model=d_model, num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim)
+    return trained_lm(dataclasses.replace(ex, **arch), seed, corpus)
+
+
+MEDUSA_CACHE_VERSION = 1
+
+
+def trained_medusa_heads(
+    ex: LMConfig,
+    lm: TransformerLM,
+    lm_params: Any,
+    corpus: TextCorpus,
+    *,
+    num_heads: int,
+    steps: int,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+) -> tuple[Any, tr.CachedModel]:
+    """Medusa-1 heads (`feynkit.inference.decoding.MedusaHeads`) trained on the frozen `ex` LM
+    (hidden states of training windows, loss `medusa_loss`), cached like the LM itself."""
+    from feynkit.inference.decoding import MedusaHeads, medusa_loss
+
+    heads = MedusaHeads(num_heads, lm.vocab_size)
+    cfg = {
+        "name": "medusa-heads",
+        "version": MEDUSA_CACHE_VERSION,
+        "lm": _lm_defining_config(ex, 0),
+        "num_heads": num_heads,
+        "steps": steps,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+    }
+    key = jax.random.fold_in(jax.random.key(seed), 7)
+
+    def loss(params, batch, k):
+        inputs, targets = batch
+        _, _, hidden = lm.apply({"params": lm_params}, inputs, return_hidden=True)
+        tokens = jnp.concatenate([inputs, targets[:, -1:]], axis=1)
+        return medusa_loss(heads, params, jax.lax.stop_gradient(hidden), tokens)
+
+    def train_fn(checkpoint_dir):
+        init = heads.init_from_lm(key, lm_params["lm_head"]["kernel"])
+        opt = tr.make_optimizer(learning_rate, steps, min(50, steps // 10), 0.0)
+        state, history = tr.train(
+            loss,
+            opt,
+            init,
+            tr.window_batch_fn(batch_size, ex.seq_len),
+            jax.random.fold_in(key, 1),
+            steps,
+            data=jnp.asarray(corpus.train),
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=steps,
+            log_every=20,
+            steps_per_call=20,
+            desc="medusa",
+        )
+        return state.params, {"history": history}
+
+    return heads, tr.cached_train(cfg, train_fn, directory=ex.cache_dir)
+
+
 def load_lm(ex) -> tuple[TransformerLM, Any, TextCorpus, LMConfig]:
     """(model, params, corpus, lm config) of the shared trained LM (seed 0) for a replication
     config with ``cache_dir`` and ``lm_smoke`` (True: the smoke model)."""
@@ -483,6 +570,105 @@ def load_lm(ex) -> tuple[TransformerLM, Any, TextCorpus, LMConfig]:
     corpus = lm_corpus(lm_ex)
     model, cached = trained_lm(lm_ex, 0, corpus)
     return model, cached.params, corpus, lm_ex
+
+
+# Fine-tunes of the byte LM on two disjoint groups of stdlib packages that the base corpus (the
+# first files in sorted order) does not contain: the task vectors DARE and merging act on.
+LM_FINETUNE_SUBSETS = {"net": ("email", "http", "urllib"), "gui": ("tkinter", "idlelib")}
+LM_FINETUNE_CACHE_VERSION = 1
+
+
+def package_corpus(packages: tuple[str, ...], max_bytes: int) -> TextCorpus:
+    """The stdlib files of the top-level `packages` (sorted, capped at `max_bytes`), split by
+    file hash 90/10 into train/validation (`split_files`; test empty)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    kept, total = [], 0
+    for rel in stdlib_source_files(root):
+        if rel.split("/")[0] in packages:
+            size = (root / rel).stat().st_size
+            if total + size <= max_bytes:
+                kept.append(rel)
+                total += size
+    if not kept:
+        raise ValueError(f"no stdlib source files under the packages {packages}.")
+    files = split_files(kept, (0.9, 0.1, 0.0))
+
+    def stream(rels):
+        return np.frombuffer(b"".join((root / r).read_bytes() for r in rels), np.uint8).copy()
+
+    return TextCorpus(stream(files["train"]), stream(files["validation"]), stream([]), files)
+
+
+def finetuned_lms(
+    ex: LMConfig | Any | None = None,
+    seed: int = 0,
+    smoke: bool = False,
+    *,
+    steps: int | None = None,
+    learning_rate: float = 1e-3,
+    max_bytes: int | None = None,
+) -> tuple[TransformerLM, tr.CachedModel, dict[str, tuple[tr.CachedModel, TextCorpus]]]:
+    """The `trained_lm` base and its fine-tunes on each `LM_FINETUNE_SUBSETS` corpus (cached).
+
+    Each fine-tune starts from the base parameters and trains `steps` (default 300; smoke 40)
+    AdamW steps without weight decay (so the delta is only what the task taught) at
+    `learning_rate` on its subset's train split. Returns (model, base, {name: (fine-tune,
+    subset corpus)}).
+    """
+    lm_ex = model_config(LMConfig, ex, smoke)
+    model, base = trained_lm(lm_ex, seed)
+    steps = (40 if smoke else 300) if steps is None else steps
+    max_bytes = (200_000 if smoke else 600_000) if max_bytes is None else max_bytes
+    ft_ex = dataclasses.replace(
+        lm_ex,
+        steps=steps,
+        learning_rate=learning_rate,
+        warmup_steps=min(20, steps),
+        weight_decay=0.0,
+        checkpoint_every=steps,
+    )
+    out = {}
+    for i, (name, packages) in enumerate(LM_FINETUNE_SUBSETS.items()):
+        corpus = package_corpus(packages, max_bytes)
+        defining = {
+            "name": f"finetune_lm-{name}",
+            "version": LM_FINETUNE_CACHE_VERSION,
+            "base": _lm_defining_config(lm_ex, seed),
+            "packages": list(packages),
+            "max_bytes": max_bytes,
+            "steps": steps,
+            "learning_rate": learning_rate,
+        }
+        key = jax.random.fold_in(jax.random.key(seed), 100 + i)
+        cached = tr.cached_train(
+            defining,
+            functools.partial(_finetune_lm, ft_ex, model, base.params, corpus.train, key),
+            directory=lm_ex.cache_dir,
+        )
+        out[name] = (cached, corpus)
+    return model, base, out
+
+
+def _finetune_lm(ex: LMConfig, model, params, tokens, key, checkpoint_dir):
+    optimizer = tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps, ex.weight_decay)
+    t0 = time.perf_counter()
+    state, history = tr.train(
+        tr.next_token_loss(model.forward),
+        optimizer,
+        params,
+        tr.window_batch_fn(ex.batch_size, ex.seq_len),
+        key,
+        ex.steps,
+        data=jnp.asarray(tokens),
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_every=ex.checkpoint_every,
+        log_every=20,
+        steps_per_call=20,
+        desc="lm-finetune",
+    )
+    return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -229,7 +229,7 @@ def darex_q_search(
       objective: ``q ↦ loss`` of the model rebuilt with rescaling 1/q and one fixed drop mask
         (e.g. validation NLL, or the unlabelled output change against the fine-tuned model).
       drop_rate: p; the grid must lie in [1 − p, 1] (q = 1 − p is plain DARE).
-      qs: the grid (default 12 points from 1 − p to min(1, 4(1 − p))).
+      qs: the grid (default 16 geometrically spaced points from 1 − p to 1).
 
     Returns:
       (best q, {q: objective(q)}).
@@ -239,7 +239,7 @@ def darex_q_search(
     """
     p = _check_rate(drop_rate)
     if qs is None:
-        qs = np.linspace(1.0 - p, min(1.0, 4.0 * (1.0 - p)), 12)
+        qs = np.geomspace(1.0 - p, 1.0, 16)
     qs = [float(q) for q in qs]
     if not qs:
         raise ValueError("qs is empty: give at least one rescaling q in [1 − p, 1].")
