@@ -1,3 +1,32 @@
-"""Not yet implemented: see the open issues."""
+"""Variational inference: objectives chosen apart from gradient estimators, families, fitting,
+sparse subspace VI, posterior-collapse diagnostics and Bayesian estimation of DP's ε."""
 
-__all__: list[str] = []
+from feynkit.inference.vi.families import FullRankGaussian, MeanFieldGaussian
+from feynkit.inference.vi.fit import FitState, fit
+from feynkit.inference.vi.objectives import (
+    ESTIMATORS,
+    bound_value,
+    elbo,
+    iwae,
+    local_joint_order_bound,
+    make_objective,
+    renyi,
+    rws,
+    vimco,
+)
+
+__all__ = [
+    "ESTIMATORS",
+    "FitState",
+    "FullRankGaussian",
+    "MeanFieldGaussian",
+    "bound_value",
+    "elbo",
+    "fit",
+    "iwae",
+    "local_joint_order_bound",
+    "make_objective",
+    "renyi",
+    "rws",
+    "vimco",
+]
