@@ -4,7 +4,8 @@ M-FAC inverse-Fisher-vector products, and gradual magnitude pruning as an Optax 
 
 Masks are boolean arrays of their leaf's shape, True = keep, in a tree of the parameters'
 structure with None at unpruned leaves (`feynkit.compression.prune.masks`). A `PruneRecipe`
-(``magnitude_recipe``, ``wanda_recipe``, ``sparsegpt_recipe``, ``obert_recipe``) prunes the leaves its regexes select:
+(``magnitude_recipe``, ``wanda_recipe``, ``sparsegpt_recipe``, ``obert_recipe``) prunes the
+leaves its regexes select:
 
     pruned, masks = prune_tree(params, magnitude_recipe(0.5), where=LINEAR_KERNELS)
 """
@@ -31,6 +32,7 @@ from feynkit.compression.prune.masks import (
     mask_sparsity,
     nm_mask,
     pattern_mask,
+    sparse_storage_bits,
     topk_mask,
 )
 from feynkit.compression.prune.mfac import MFAC, mfac, mfac_diag, mfac_ifvp
@@ -84,6 +86,7 @@ __all__ = [
     "pattern_mask",
     "prune_tree",
     "pruning_masks",
+    "sparse_storage_bits",
     "sparsegpt_prune",
     "sparsegpt_recipe",
     "topk_mask",

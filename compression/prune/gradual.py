@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from feynkit.compression.protocol import is_compressed
 from feynkit.compression.prune.magnitude import MAGNITUDE_GRANULARITIES, global_magnitude_masks
 from feynkit.compression.prune.masks import check_sparsity, topk_mask
-from feynkit.compression.protocol import is_compressed
 from feynkit.compression.quant.tree import ALL_KERNELS, match_paths, path_str
 from feynkit.core.types import Array, PyTree
 
@@ -190,4 +190,6 @@ def pruning_masks(state: Any) -> PyTree:
                 return pruning_masks(s)
             except ValueError:
                 continue
-    raise ValueError("no GradualPruningState in this optimizer state; chain gradual_magnitude_pruning.")
+    raise ValueError(
+        "no GradualPruningState in this optimizer state; chain gradual_magnitude_pruning."
+    )

@@ -112,8 +112,10 @@ def magnitude_recipe(
             return global_magnitude_masks(mats, sparsity)
 
     def prune(w, stats, i, ctx):
-        mask = ctx[i] if ctx is not None else magnitude_mask(
-            w, sparsity, n=n, m=m, granularity=granularity
+        mask = (
+            ctx[i]
+            if ctx is not None
+            else magnitude_mask(w, sparsity, n=n, m=m, granularity=granularity)
         )
         return jnp.where(mask, w, jnp.zeros((), w.dtype)), mask
 

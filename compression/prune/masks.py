@@ -43,6 +43,7 @@ __all__ = [
     "nm_mask",
     "pattern_mask",
     "pattern_name",
+    "sparse_storage_bits",
     "topk_mask",
 ]
 
@@ -116,9 +117,7 @@ def _check_scores(scores: Array, name: str) -> None:
     )
 
 
-def topk_mask(
-    scores: ArrayLike, sparsity, *, granularity: str = "row", name: str = ""
-) -> Array:
+def topk_mask(scores: ArrayLike, sparsity, *, granularity: str = "row", name: str = "") -> Array:
     """Keep mask of a 2-D score matrix (d_in, d_out): the ⌊s·n⌋ lowest scores of each
     comparison group are pruned.
 
@@ -176,7 +175,7 @@ def check_pattern(sparsity, n, m) -> None:
 
 
 def pattern_name(sparsity, n, m) -> str:
-    """"50" for 50 % unstructured, "2:4" for N:M (used in recipe names)."""
+    """ "50" for 50 % unstructured, "2:4" for N:M (used in recipe names)."""
     return f"{n}:{m}" if n is not None else f"{round(100 * float(sparsity)):d}"
 
 
@@ -257,3 +256,26 @@ def mask_sparsity(masks: PyTree) -> float:
     if total == 0:
         raise ValueError("masks holds no mask (every leaf is None).")
     return 1.0 - sum(int(jnp.sum(m)) for m in leaves) / total
+
+
+def sparse_storage_bits(
+    leaf, mask: ArrayLike, *, n: int | None = None, m: int | None = None, value_bits: int = 16
+) -> int:
+    """Bits to store a pruned leaf sparsely: the kept values plus the index metadata.
+
+    Values: ``value_bits`` each for a float leaf (16: bf16), or a `QuantizedArray`'s code width
+    plus its side arrays (scales, zero points) for a quantized one. Indices: ⌈log₂ M⌉ bits per
+    kept value for N:M (2 bits for 2:4, the sparse-tensor-core metadata), else a 1-bit bitmap
+    per entry.
+    """
+    from feynkit.compression.protocol import is_compressed
+
+    mask = np.asarray(mask, bool)
+    nnz = int(mask.sum())
+    if is_compressed(leaf):
+        bits = int(leaf.bits)
+        values = nnz * bits + (int(leaf.nbits) - int(leaf.size) * bits)  # + scales, zeros
+    else:
+        values = nnz * int(value_bits)
+    index = nnz * int(np.ceil(np.log2(m))) if n is not None else mask.size
+    return values + index

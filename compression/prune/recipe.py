@@ -29,7 +29,7 @@ __all__ = ["FisherCalibration", "GradientStats", "PruneRecipe", "PruneResult", "
 
 class FisherCalibration(NamedTuple):
     """Per-kernel gradients for empirical-Fisher methods (oBERT): path → (m, *kernel shape),
-    one gradient per calibration mini-batch (`feynkit.compression.prune.obert.collect_gradients`)."""
+    one gradient per calibration mini-batch (`collect_gradients`)."""
 
     gradients: dict[str, Array]
     num_samples: int
@@ -123,8 +123,10 @@ class PruneRecipe:
                 masks.append(None)
                 continue
             w2 = mats[path]
-            stats = _leaf_stats(self, calib, path, w2) if fisher is None else _grad_stats(
-                fisher, path, w2
+            stats = (
+                _leaf_stats(self, calib, path, w2)
+                if fisher is None
+                else _grad_stats(fisher, path, w2)
             )
             try:
                 out, mask = self.prune(w2, stats, selected.index(path), ctx)

@@ -150,7 +150,9 @@ def sparsegpt_prune(
         raise ValueError(f"sparsegpt_prune needs a 2-D (d_in, d_out) kernel, got {w.shape}.")
     d_in = w.shape[0]
     if H.shape != (d_in, d_in):
-        raise ValueError(f"H has shape {H.shape}; expected ({d_in}, {d_in}) for the kernel {w.shape}.")
+        raise ValueError(
+            f"H has shape {H.shape}; expected ({d_in}, {d_in}) for the kernel {w.shape}."
+        )
     check_pattern(sparsity, n, m)
     if n is not None:
         check_nm(n, m, d_in)
@@ -220,4 +222,3 @@ def sparsegpt_recipe(
 
     name = f"sparsegpt{pattern_name(sparsity, n, m)}" + (f"_w{bits}" if bits else "")
     return PruneRecipe(name, prune, _where(where), True, ("hessian",))
-

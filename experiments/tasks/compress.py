@@ -1,10 +1,16 @@
-"""task=compress: model × quant → bytes, bits per weight, per-layer error, the model's own metric.
+"""task=compress: model × prune × quant → bytes, bits per weight, layer errors, the model's metric.
 
 The quantizer of ``quant/`` (a `QuantRecipe`, calibrated on the model's own forward pass when it
 needs calibration statistics) replaces the selected parameters by compressed containers. Reported:
 float and compressed bytes, bits per weight, the relative Frobenius error of every compressed
 layer (and the worst), and what the model is judged by: perplexity on held-out bytes (byte_lm),
 the denoising error on noised data (diffusion models), the reconstruction error (vae).
+
+A pruner of ``prune/`` (a `PruneRecipe`, e.g. ``prune=sparsegpt prune.sparsity=0.5``) runs first,
+calibrated on the float model; ``quant=`` (none by default once a pruner is chosen) then
+quantizes the pruned model, calibrated on it. Pruning adds the mask sparsity, the fraction of
+exact zeros after quantization, N:M validity and the bits of a sparse storage
+(`feynkit.compression.prune.sparse_storage_bits`).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class CompressTask:
     max_layer_error: dict[str, float] = dataclasses.field(default_factory=dict)
     max_perplexity_ratio: float = 1.5  # byte_lm: compressed / float perplexity below this
     max_error_ratio: float = 3.0  # diffusion, vae: compressed / float error below this
+    max_sparsity_error: float = 0.01  # prune=: |mask sparsity − prune.sparsity| below this
     smoke_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -68,16 +75,33 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
     settings = task_settings(cfg, ctx.smoke)
     bundle = build.build_model(cfg, ctx.seed, ctx.smoke)
     k_quant, k_eval = jax.random.split(ctx.key)
+    float_params = bundle.params
+    masks, pruner = None, cfg.get("prune")
+    if pruner is not None and not build.is_none(pruner):
+        k_prune, k_quant = jax.random.split(k_quant)
+        pruned, masks = _prune(ctx, cfg, bundle, k_prune)
+        # quant= then acts on (and calibrates on) the pruned model
+        to_quantize = dataclasses.replace(bundle, params=pruned)
+    else:
+        to_quantize = bundle
     t0 = time.perf_counter()
-    recipe, compressed = build.compress_params(cfg, bundle, k_quant)
+    if build.is_none(cfg.quant):
+        recipe, compressed = None, to_quantize.params
+    else:
+        recipe, compressed = build.compress_params(cfg, to_quantize, k_quant)
     ctx.metric("compress_seconds", time.perf_counter() - t0)
-    float_bytes = ctx.metric("bytes.float32", quant.tree_nbytes(bundle.params))
+    float_bytes = ctx.metric("bytes.float32", quant.tree_nbytes(float_params))
     c_bytes = ctx.metric("bytes.compressed", quant.tree_nbytes(compressed))
     ctx.metric("compression_ratio", float_bytes / max(c_bytes, 1.0))
     from feynkit.experiments.tasks.sample import _bits_per_weight
 
-    ctx.metric("bits_per_weight", _bits_per_weight(quant, compressed))
-    errors = layer_errors(bundle.params, compressed)
+    leaves = jax.tree_util.tree_leaves(compressed, is_leaf=quant.is_compressed)
+    if any(quant.is_compressed(x) for x in leaves):  # quant=, or SparseGPT with prune.bits
+        ctx.metric("bits_per_weight", _bits_per_weight(quant, compressed))
+    errors = layer_errors(float_params, compressed)
+    if masks is not None:
+        requant = recipe is not None  # quant= after pruning may fill pruned weights (GPTQ)
+        _sparsity_metrics(ctx, cfg, settings, float_params, compressed, masks, errors, requant)
     if not errors:
         raise ValueError(
             f"quant={build.target_name(cfg.quant)} compressed no parameter of {bundle.name}; "
@@ -87,7 +111,8 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
         ctx.metric(f"layer_error.{name}", e)
     worst = ctx.metric("layer_error.max", max(errors.values()))
     ctx.metric("layers_compressed", len(errors))
-    bound = bound_for(settings, "max_layer_error", option_name(cfg, "quant"))
+    group = "prune" if masks is not None else "quant"  # errors vs the float model include pruning
+    bound = bound_for(settings, "max_layer_error", option_name(cfg, group))
     if bound is not None:
         ctx.claim(f"worst relative layer error < {bound:g}", worst, bound)
     apply_c = build.compressed_apply_fn(bundle)
@@ -98,6 +123,94 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
     else:
         _vae_metrics(ctx, bundle, settings, compressed, apply_c, k_eval)
     _figure(ctx, errors, bundle.name)
+
+
+def _prune(ctx, cfg, bundle, key):
+    """``(pruned params, masks)`` under ``cfg.prune``, calibrated on the model's own forward
+    pass (Hessians: Wanda, SparseGPT) or on its loss gradients (oBERT, byte_lm only)."""
+    from feynkit.compression import prune
+    from feynkit.compression.quant import calibrate
+
+    node = cfg.prune
+    extra = {} if node.get("where") is not None else {"where": bundle.quant_where}
+    recipe = build._instantiate(node, **extra)
+    spec = node.get("calibration") or {}
+    n = int(spec.get("num_samples", 32))
+    calibration = None
+    t0 = time.perf_counter()
+    if "gradients" in recipe.stats:
+        if bundle.kind != "lm":
+            raise ValueError(
+                f"prune={option_name(cfg, 'prune')} needs loss gradients; task=compress "
+                f"collects them for byte_lm only (model={bundle.name})."
+            )
+        from feynkit.experiments.data import token_windows
+        from feynkit.experiments.evaluation import lm_nll
+
+        bs, seq_len = int(spec.get("batch_size", 4)), bundle.extras["seq_len"]
+        x, y = token_windows(key, bundle.extras["corpus"].validation, n * bs, seq_len)
+        windows = jnp.concatenate([x, y[:, -1:]], axis=1).reshape(n, bs, seq_len + 1)
+        calibration = prune.collect_gradients(
+            lambda p, w: lm_nll(bundle.apply_fn, p, w), bundle.params, windows, recipe.where
+        )
+    elif recipe.needs_calibration:
+        inputs = bundle.calibration_inputs(key, n)
+        apply = bundle.calibration_apply or bundle.apply_fn
+        calibration = calibrate(apply, bundle.params, inputs, where=recipe.where)
+    ctx.metric("prune_calibration_seconds", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    pruned, masks = prune.prune_tree(bundle.params, recipe, calibration=calibration)
+    ctx.metric("prune_seconds", time.perf_counter() - t0)
+    return pruned, masks
+
+
+def _sparsity_metrics(ctx, cfg, settings, float_params, compressed, masks, errors, requant):
+    """Mask sparsity, exact zeros of the final weights, N:M validity, sparse storage bits, and
+    the relative error of pruned float layers (quantized ones are in ``errors`` already)."""
+    from feynkit.compression import prune, quant
+
+    n, m = cfg.prune.get("n"), cfg.prune.get("m")
+    flat_m = jax.tree_util.tree_flatten_with_path(masks, is_leaf=lambda x: x is None)[0]
+    flat_c = dict(
+        (quant.path_str(p), leaf)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(
+            compressed, is_leaf=quant.is_compressed
+        )[0]
+    )
+    flat_f = dict(
+        (quant.path_str(p), leaf)
+        for p, leaf in jax.tree_util.tree_flatten_with_path(float_params)[0]
+    )
+    zeros = total = sparse_bits = 0
+    nm_ok = True
+    for p, mask in flat_m:
+        if mask is None:
+            continue
+        name = quant.path_str(p)
+        leaf = flat_c[name]
+        w_hat = leaf.dequantize() if quant.is_compressed(leaf) else leaf
+        w_hat = jnp.asarray(w_hat, jnp.float32).reshape(mask.shape)
+        zeros += int(jnp.sum(w_hat == 0))
+        total += mask.size
+        sparse_bits += prune.sparse_storage_bits(leaf, mask, n=n, m=m)
+        if n is not None:
+            nm_ok &= prune.is_nm_sparse(w_hat, n, m)
+        if name not in errors:
+            w = jnp.asarray(flat_f[name], jnp.float32)
+            errors[name] = float(
+                jnp.linalg.norm(w - w_hat) / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+            )
+    target = ctx.metric("sparsity.mask", prune.mask_sparsity(masks))
+    zeros_frac = ctx.metric("sparsity.zeros", zeros / max(total, 1))
+    ctx.metric("sparse_bits_per_weight", sparse_bits / max(total, 1))
+    if n is None:
+        want = float(cfg.prune.sparsity)
+        tol = float(settings.max_sparsity_error)
+        ctx.claim(f"mask sparsity within {tol:g} of {want:g}", abs(target - want), tol)
+    else:
+        ctx.claim(f"every group of {m} has at most {n} nonzeros", float(nm_ok), 1.0, ">=")
+    if not requant:
+        ctx.claim("pruned weights are exact zeros", zeros_frac, target, ">=")
 
 
 def _lm_metrics(ctx, bundle, settings, compressed, apply_c) -> None:

@@ -33,7 +33,7 @@ __all__ = [
     "register_schemas",
 ]
 
-GROUPS = ("model", "solver", "guidance", "corrector", "quant", "data")
+GROUPS = ("model", "solver", "guidance", "corrector", "quant", "prune", "data", "decoder")
 # Keys of an option that configure the task around the factory (a calibration batch, a reward),
 # never passed to the factory itself.
 SETUP_KEYS = ("calibration", "reward")

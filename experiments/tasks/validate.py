@@ -33,7 +33,7 @@ DETERMINISTIC_SOLVERS = (
 )
 _TASK_GROUPS = {
     "sample": ("model", "solver", "guidance", "corrector", "quant", "data"),
-    "compress": ("model", "quant", "data"),
+    "compress": ("model", "quant", "prune", "data"),
     "train": ("model",),
 }
 # Arguments the task passes at instantiation, per group (never set in a YAML).
@@ -43,6 +43,7 @@ _CALL_TIME = {
     "guidance": {"schedule", "denoise_fn", "logits_fn", "coefficients", "scale_schedule"},
     "corrector": {"reward_fn", "schedule"},
     "quant": set(),
+    "prune": set(),
     "data": {"key", "n"},
 }
 
@@ -152,8 +153,11 @@ def validate_combination(cfg: DictConfig) -> None:
             f"quant={opt['quant']} acts on parameters, and model={model} is an "
             "analytic target with none: use quant=none or a learned model (toy_mlp, digits_unet)."
         )
-    if task == "compress" and _name(cfg.quant) is None:
-        raise ValueError("task=compress needs a quantizer: add quant=<option> (e.g. quant=rtn).")
+    if task == "compress" and _name(cfg.quant) is None and _name(cfg.get("prune")) is None:
+        raise ValueError(
+            "task=compress needs a quantizer or a pruner: add quant=<option> (e.g. quant=rtn) "
+            "or prune=<option> (e.g. prune=sparsegpt)."
+        )
     if task != "sample":
         return
     solver = _name(cfg.solver)

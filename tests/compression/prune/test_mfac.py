@@ -22,10 +22,12 @@ def test_ifvp_and_diag_match_the_dense_inverse_fisher(m, d, block):
     Finv = np.linalg.inv(F)
     with jax.enable_x64(True):
         f = prune.mfac(jnp.asarray(G), damp, block)
-        np.testing.assert_allclose(np.asarray(prune.mfac_ifvp(f, jnp.asarray(v))), Finv @ v,
-                                   rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(np.asarray(prune.mfac_diag(f)), np.diag(Finv),
-                                   rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(prune.mfac_ifvp(f, jnp.asarray(v))), Finv @ v, rtol=1e-10, atol=1e-12
+        )
+        np.testing.assert_allclose(
+            np.asarray(prune.mfac_diag(f)), np.diag(Finv), rtol=1e-10, atol=1e-12
+        )
 
 
 def test_bad_inputs():
@@ -57,7 +59,8 @@ def test_obert_matches_dense_obs_with_the_fisher():
     ref = wt - Finv @ v
     ref[pruned] = 0
     with jax.enable_x64(True):
-        out, keep = prune.obert_prune(jnp.asarray(w), jnp.asarray(grads), 0.5, damp=1e-2,
-                                      block_size=B)
+        out, keep = prune.obert_prune(
+            jnp.asarray(w), jnp.asarray(grads), 0.5, damp=1e-2, block_size=B
+        )
     np.testing.assert_array_equal(np.flatnonzero(~np.asarray(keep).T.ravel()), np.sort(pruned))
     np.testing.assert_allclose(np.asarray(out).T.ravel(), ref, rtol=1e-9, atol=1e-12)

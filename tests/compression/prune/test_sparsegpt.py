@@ -70,8 +70,13 @@ def test_matches_float64_per_column_reference(pattern):
     ref, ref_keep = sparsegpt_reference(w, H, **pattern, block=16)
     with jax.enable_x64(True):
         out, keep = prune.sparsegpt_prune(
-            jnp.asarray(w), jnp.asarray(H), pattern.get("sparsity", 0.5),
-            n=pattern.get("n"), m=pattern.get("m"), block_size=16)
+            jnp.asarray(w),
+            jnp.asarray(H),
+            pattern.get("sparsity", 0.5),
+            n=pattern.get("n"),
+            m=pattern.get("m"),
+            block_size=16,
+        )
         out, keep = np.asarray(out), np.asarray(keep)
     assert out.dtype == np.float64
     np.testing.assert_array_equal(keep, ref_keep)
@@ -105,7 +110,8 @@ def test_joint_sparsity_and_quantization_in_one_sweep():
         grid = quantize(W, 4, axis=0)
         s = np.asarray(grid.scale, np.float64)[0]
         ref, ref_keep = sparsegpt_reference(
-            w, H, 0.5, block=16, q=lambda col: np.clip(np.round(col / s), -8, 7) * s)
+            w, H, 0.5, block=16, q=lambda col: np.clip(np.round(col / s), -8, 7) * s
+        )
         q64, keep64 = prune.sparsegpt_prune(W, jnp.asarray(H), 0.5, bits=4, block_size=16)
         np.testing.assert_array_equal(np.asarray(keep64), ref_keep)
         deq = np.asarray(dequantize(q64))
@@ -121,7 +127,9 @@ def test_wanda_scores_and_per_output_groups():
     mask = np.asarray(prune.wanda_mask(w, np.sum(x**2, 0), 0.5))
     score = np.abs(w) * np.linalg.norm(x, axis=0)[:, None]
     for j in range(6):
-        np.testing.assert_array_equal(np.sort(np.argsort(score[:, j])[:8]), np.flatnonzero(~mask[:, j]))
+        np.testing.assert_array_equal(
+            np.sort(np.argsort(score[:, j])[:8]), np.flatnonzero(~mask[:, j])
+        )
     m24 = np.asarray(prune.wanda_mask(w, np.sum(x**2, 0), n=2, m=4))
     assert (m24.reshape(4, 4, 6).sum(1) == 2).all()
 
