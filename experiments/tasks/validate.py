@@ -160,6 +160,11 @@ def validate_combination(cfg: DictConfig) -> None:
         )
     if task != "sample":
         return
+    if _name(cfg.get("prune")) is not None:
+        raise ValueError(
+            f"prune={option_name(cfg, 'prune')}: task=sample does not prune; run task=compress "
+            "with prune= (and quant=) to measure a pruned model."
+        )
     solver = _name(cfg.solver)
     corrector = _name(cfg.corrector)
     guidance = _name(cfg.guidance)
