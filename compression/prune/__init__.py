@@ -47,6 +47,7 @@ from feynkit.compression.prune.recipe import (
     GradientStats,
     PruneRecipe,
     PruneResult,
+    prune_layerwise,
     prune_tree,
 )
 from feynkit.compression.prune.recipes import RECIPES
@@ -84,6 +85,7 @@ __all__ = [
     "obert_recipe",
     "obert_saliency",
     "pattern_mask",
+    "prune_layerwise",
     "prune_tree",
     "pruning_masks",
     "sparse_storage_bits",
@@ -93,4 +95,75 @@ __all__ = [
     "wanda_mask",
     "wanda_recipe",
     "wanda_scores",
+]
+
+# prune_b: FLAP (structured), DARE and merging, WINA activation sparsity, EvoPress
+from feynkit.compression.prune.dare import (  # noqa: E402
+    dare,
+    dare_delta,
+    dare_merge,
+    darex_q_search,
+    delta_masks,
+    merge_deltas,
+    task_vector,
+)
+from feynkit.compression.prune.evopress import (  # noqa: E402
+    EvoPressDatabase,
+    EvoPressResult,
+    assemble,
+    average_sparsity,
+    build_database,
+    evopress_search,
+    level_switch,
+    size_groups,
+)
+from feynkit.compression.prune.flap import (  # noqa: E402
+    FLAP_STRUCTURES,
+    FlapPlan,
+    FlapStatistics,
+    flap,
+    flap_plan,
+    flap_prune,
+    flap_scores,
+    flap_statistics,
+    fluctuation_scores,
+)
+from feynkit.compression.prune.wina import (  # noqa: E402
+    ACTIVATION_METHODS,
+    activation_mask,
+    activation_scores,
+    sparse_activation_apply,
+    sparsify_activations,
+)
+
+__all__ += [
+    "ACTIVATION_METHODS",
+    "EvoPressDatabase",
+    "EvoPressResult",
+    "FLAP_STRUCTURES",
+    "FlapPlan",
+    "FlapStatistics",
+    "activation_mask",
+    "activation_scores",
+    "assemble",
+    "average_sparsity",
+    "build_database",
+    "dare",
+    "dare_delta",
+    "dare_merge",
+    "darex_q_search",
+    "delta_masks",
+    "evopress_search",
+    "flap",
+    "flap_plan",
+    "flap_prune",
+    "flap_scores",
+    "flap_statistics",
+    "fluctuation_scores",
+    "level_switch",
+    "merge_deltas",
+    "size_groups",
+    "sparse_activation_apply",
+    "sparsify_activations",
+    "task_vector",
 ]
