@@ -6,7 +6,10 @@ static argument) with α_t, σ_t, their time derivatives and the coefficients of
 
     dx = f(t) x dt + g(t) dW,   f(t) = d log α_t / dt = −β(t)/2,   g(t)² = β(t),
 
-with t ∈ [0, 1], t = 0 the data end. β(t) = −2 d log α_t/dt is the instantaneous noise rate.
+with t ∈ [0, 1], t = 0 the data end. Every method checks t against that domain: a concrete t
+outside [0, 1] (or NaN) raises a ValueError naming t; under ``jit`` (traced t) the value at an
+out-of-domain time is NaN instead of an extrapolation (β(−0.5) of the linear schedule would
+be a plausible-looking negative number), which the sampler's non-finite check reports. β(t) = −2 d log α_t/dt is the instantaneous noise rate.
 For a general path (α_t, σ_t) the SDE with these marginals has f = d log α_t/dt and
 g² = dσ_t²/dt − 2 f σ_t²; every schedule exposes `beta(t)` = g² and `drift_coef(t)` = f, so
 solvers written in (α_t, σ_t, f, g²) run on all of them.
@@ -22,7 +25,9 @@ References:
 import dataclasses
 import math
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from feynkit.core.types import Array, ArrayLike
 
@@ -33,6 +38,26 @@ __all__ = [
     "VPSchedule",
     "get_schedule",
 ]
+
+
+def _time(t: ArrayLike) -> tuple[Array, Array | None]:
+    """(t as an array, in-domain mask or None). Concrete t outside [0, 1] raises."""
+    if isinstance(t, jax.core.Tracer):
+        t = jnp.asarray(t)
+        return t, (t >= 0) & (t <= 1)
+    tn = np.asarray(t)
+    if tn.size and not np.all((tn >= 0) & (tn <= 1)):
+        bad = tn[~((tn >= 0) & (tn <= 1))].ravel()[:3]
+        raise ValueError(
+            f"t={bad.tolist()} is outside the schedule's time domain [0, 1] (t = 0 is data, "
+            "t = 1 noise); pass times in [0, 1], e.g. from diffusion.time_grid."
+        )
+    return jnp.asarray(t), None
+
+
+def _masked(value: Array, ok: Array | None) -> Array:
+    """NaN where a traced t was outside [0, 1]."""
+    return value if ok is None else jnp.where(ok, value, jnp.nan)
 
 
 class VPSchedule:
@@ -81,19 +106,21 @@ class LinearSchedule(VPSchedule):
     beta_max: float = 20.0
 
     def __post_init__(self):
-        if not 0 < self.beta_min <= self.beta_max:
+        if not (0 < self.beta_min <= self.beta_max and math.isfinite(self.beta_max)):
             raise ValueError(
-                f"LinearSchedule needs 0 < beta_min <= beta_max, got {self.beta_min}, "
-                f"{self.beta_max}."
+                "LinearSchedule needs 0 < beta_min <= beta_max, both finite; got "
+                f"{self.beta_min}, {self.beta_max} (beta_min, beta_max)."
             )
 
     def log_alpha(self, t: ArrayLike) -> Array:
-        t = jnp.asarray(t)
-        return -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2)
+        t, ok = _time(t)
+        return _masked(
+            -0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t**2), ok
+        )
 
     def beta(self, t: ArrayLike) -> Array:
-        t = jnp.asarray(t)
-        return self.beta_min + t * (self.beta_max - self.beta_min)
+        t, ok = _time(t)
+        return _masked(self.beta_min + t * (self.beta_max - self.beta_min), ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,8 +133,8 @@ class CosineSchedule(VPSchedule):
     s: float = 0.008
 
     def __post_init__(self):
-        if self.s <= 0:
-            raise ValueError(f"CosineSchedule needs s > 0, got {self.s}.")
+        if not (self.s > 0 and math.isfinite(self.s)):
+            raise ValueError(f"CosineSchedule needs s > 0 (finite), got s={self.s}.")
 
     def _phi(self, t: ArrayLike) -> Array:
         return (jnp.asarray(t) + self.s) / (1.0 + self.s) * (math.pi / 2)
@@ -116,12 +143,16 @@ class CosineSchedule(VPSchedule):
         # With φ_t = φ_0 + δ: α_t = cos δ − tan φ_0 sin δ = 1 − 2 sin²(δ/2) − tan φ_0 sin δ.
         # log1p of that keeps σ_t accurate at small t, where log cos φ_t − log cos φ_0 in
         # float32 is off by an ulp of cos (σ_0 came out as 2.4e-4 instead of 0).
-        delta = jnp.asarray(t) / (1.0 + self.s) * (math.pi / 2)
+        # At t = 1 the argument is −1 up to rounding: clamp so α_1 = 0 (log α = −inf), not NaN.
+        t, ok = _time(t)
+        delta = t / (1.0 + self.s) * (math.pi / 2)
         tan_phi0 = math.tan(self.s / (1.0 + self.s) * math.pi / 2)
-        return jnp.log1p(-2.0 * jnp.sin(0.5 * delta) ** 2 - tan_phi0 * jnp.sin(delta))
+        arg = -2.0 * jnp.sin(0.5 * delta) ** 2 - tan_phi0 * jnp.sin(delta)
+        return _masked(jnp.log1p(jnp.maximum(arg, -1.0)), ok)
 
     def beta(self, t: ArrayLike) -> Array:
-        return math.pi * jnp.tan(self._phi(t)) / (1.0 + self.s)
+        t, ok = _time(t)
+        return _masked(math.pi * jnp.tan(self._phi(t)) / (1.0 + self.s), ok)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,13 +173,16 @@ class RectifiedFlowSchedule:
     """
 
     def log_alpha(self, t: ArrayLike) -> Array:
-        return jnp.log1p(-jnp.asarray(t))
+        t, ok = _time(t)
+        return _masked(jnp.log1p(-t), ok)
 
     def alpha(self, t: ArrayLike) -> Array:
-        return 1.0 - jnp.asarray(t)
+        t, ok = _time(t)
+        return _masked(1.0 - t, ok)
 
     def sigma(self, t: ArrayLike) -> Array:
-        return 1.0 * jnp.asarray(t)
+        t, ok = _time(t)
+        return _masked(1.0 * t, ok)
 
     def dalpha_dt(self, t: ArrayLike) -> Array:
         """dα/dt = −1."""
@@ -160,12 +194,13 @@ class RectifiedFlowSchedule:
 
     def drift_coef(self, t: ArrayLike) -> Array:
         """f(t) = d log α_t / dt = −1/(1 − t)."""
-        return -1.0 / (1.0 - jnp.asarray(t))
+        t, ok = _time(t)
+        return _masked(-1.0 / (1.0 - t), ok)
 
     def beta(self, t: ArrayLike) -> Array:
         """g(t)² = dσ²/dt − 2 f σ² = 2t/(1 − t)."""
-        t = jnp.asarray(t)
-        return 2.0 * t / (1.0 - t)
+        t, ok = _time(t)
+        return _masked(2.0 * t / (1.0 - t), ok)
 
     def diffusion(self, t: ArrayLike) -> Array:
         """g(t) = sqrt(2t/(1 − t))."""
@@ -173,7 +208,7 @@ class RectifiedFlowSchedule:
 
     def log_snr(self, t: ArrayLike) -> Array:
         """λ_t = log(α_t² / σ_t²) = 2 (log(1 − t) − log t)."""
-        return 2.0 * (self.log_alpha(t) - jnp.log(jnp.asarray(t)))
+        return 2.0 * (self.log_alpha(t) - jnp.log(self.sigma(t)))
 
 
 def get_schedule(name: str, **kwargs) -> VPSchedule | RectifiedFlowSchedule:

@@ -44,15 +44,40 @@ def check_finite(x: ArrayLike, name: str, hint: str = "") -> None:
 
 
 def check_time_grid(
-    timesteps: ArrayLike, dtype=None, *, min_times: int = 2, name: str = "timesteps"
+    timesteps: ArrayLike,
+    dtype=None,
+    *,
+    min_times: int = 2,
+    name: str = "timesteps",
+    decreasing: bool = False,
+    domain: tuple[float, float] | None = None,
 ) -> Array:
     """`timesteps` as an array (of `dtype` if given) after checking it is a 1-D grid of at
-    least `min_times` times (a solver step needs a start and an end time)."""
+    least `min_times` times (a solver step needs a start and an end time).
+
+    With ``decreasing`` the times must fall strictly (noise to data) and with ``domain`` lie in
+    [lo, hi] and be finite. Those are data checks: raised at once for a concrete grid and, for a
+    grid traced under ``jit``, when the compiled code runs (`fail_if`).
+    """
     ts = jnp.asarray(timesteps) if dtype is None else jnp.asarray(timesteps, dtype)
     if ts.ndim != 1 or ts.shape[0] < min_times:
         raise ValueError(
             f"{name} must be a 1-D grid of ≥ {min_times} times, got shape {ts.shape}; "
             "build one with diffusion.time_grid(num_steps, ...)."
+        )
+    if domain is not None:
+        lo, hi = domain
+        fail_if(
+            ~jnp.all(jnp.isfinite(ts) & (ts >= lo) & (ts <= hi)),
+            f"{name} must lie in the schedule's time domain [{lo}, {hi}] (t = 0 data, t = 1 "
+            f"noise); got times outside it. Build the grid with diffusion.time_grid(num_steps, "
+            "t_max, t_min).",
+        )
+    if decreasing:
+        fail_if(
+            ~jnp.all(ts[1:] < ts[:-1]),
+            f"{name} must decrease strictly, from t_max (noise) to t_min (data); got a grid "
+            "that does not (reverse an increasing grid with timesteps[::-1]).",
         )
     return ts
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import math
 import pkgutil
 from collections.abc import Callable, Iterator
@@ -61,6 +62,8 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+log = logging.getLogger("feynkit.experiments.harness")
 
 
 @dataclasses.dataclass
@@ -220,34 +223,65 @@ class Context:
             plt.close(fig)
 
 
+def with_smoke(node: DictConfig, group: str, overrides: list[str] | None = None) -> DictConfig:
+    """`node` (the ``group`` node: "experiment" or "task") with its ``smoke_overrides`` merged
+    in, except for the keys the user set on the command line (``group.key=value`` wins over
+    the smoke value). ``overrides``: the command line (default: the current Hydra run's)."""
+    smoke = node.get("smoke_overrides") or {}
+    if not smoke:
+        return node
+    unknown = sorted(set(smoke) - set(node) - {"smoke_overrides"})
+    if unknown:
+        raise ValueError(
+            f"{group}.smoke_overrides names unknown keys {unknown}; "
+            f"valid keys: {sorted(k for k in node if k != 'smoke_overrides')}."
+        )
+    explicit = _command_line_keys(group, overrides)  # what the user set wins over smoke values
+    return OmegaConf.merge(node, {k: v for k, v in smoke.items() if k not in explicit})
+
+
+def effective_config(cfg: DictConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The run's configuration as it actually runs: with ``smoke=true`` the smoke overrides of
+    the replication (``experiment``) and of the generic task (``task``) applied, user
+    command-line values winning. What results.json records and ``--cfg job`` prints."""
+    out = OmegaConf.to_container(cfg, resolve=True)
+    if not cfg.smoke:
+        return out
+    for group in ("experiment", "task"):
+        node = cfg.get(group)
+        if isinstance(node, DictConfig) and node.get("smoke_overrides"):
+            if group == "experiment" and cfg.task.name != "replication":
+                continue
+            out[group] = OmegaConf.to_container(with_smoke(node, group, overrides), resolve=True)
+    return out
+
+
 def experiment_node(cfg: DictConfig, schema: type) -> Any:
-    """The `experiment` node with its smoke overrides applied (when ``smoke=true``), validated
-    by the schema (types, unknown keys, ``__post_init__`` value checks) into a `schema`
-    instance."""
+    """The `experiment` node with its smoke overrides applied (when ``smoke=true``, see
+    `with_smoke`), validated by the schema (types, unknown keys, ``__post_init__`` value
+    checks) into a `schema` instance."""
     node = cfg.experiment
-    if cfg.smoke and node.smoke_overrides:
-        unknown = sorted(set(node.smoke_overrides) - set(node) - {"smoke_overrides"})
-        if unknown:
-            raise ValueError(
-                f"experiment.smoke_overrides names unknown keys {unknown}; "
-                f"valid keys: {sorted(k for k in node if k != 'smoke_overrides')}."
-            )
-        explicit = _command_line_keys("experiment")  # what the user set wins over smoke values
-        smoke = {k: v for k, v in node.smoke_overrides.items() if k not in explicit}
-        node = OmegaConf.merge(node, smoke)
+    if cfg.smoke:
+        node = with_smoke(node, "experiment")
     merged = OmegaConf.merge(OmegaConf.structured(schema), node)
     return OmegaConf.to_object(merged)
 
 
-def _command_line_keys(node: str) -> set[str]:
-    """The keys of `node` set by command-line overrides of the current Hydra run (empty when
-    the config was composed without Hydra's run context)."""
+def command_line_overrides() -> list[str]:
+    """The current Hydra run's command-line overrides (empty outside a Hydra run)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = HydraConfig.get().overrides.task
+        return list(HydraConfig.get().overrides.task)
     except (ImportError, ValueError):
-        return set()
+        return []
+
+
+def _command_line_keys(node: str, overrides: list[str] | None = None) -> set[str]:
+    """The keys of `node` set by command-line overrides (by default those of the current Hydra
+    run; empty when the config was composed without Hydra's run context)."""
+    if overrides is None:
+        overrides = command_line_overrides()
     keys = set()
     for o in overrides:
         path = o.split("=", 1)[0].lstrip("+~")
@@ -287,7 +321,8 @@ def run_composite(ex: ReplicationConfig, ctx: Context) -> None:
 
     if not ex.runs:
         raise ValueError(f"experiment {ex.name!r} has neither a Python module nor `runs`.")
-    for label, overrides in ex.runs.items():
+    for i, (label, overrides) in enumerate(ex.runs.items()):
+        log.info("run %d/%d %s: %s", i + 1, len(ex.runs), label, " ".join(overrides))
         sub = compose(
             "config", overrides=[*overrides, f"seed={ctx.seed}", f"smoke={str(ctx.smoke).lower()}"]
         )
@@ -305,7 +340,9 @@ def run_replication(cfg: DictConfig, ctx: Context) -> None:
     if name in REGISTRY:
         rep = REGISTRY[name]
         ex = experiment_node(cfg, rep.schema)
+        log.info("replication %s: started", name)
         rep.run(ex, ctx)
+        log.info("replication %s: done, %d metrics", name, len(ctx.results.metrics))
     else:
         ex = experiment_node(cfg, ReplicationConfig)
         run_composite(ex, ctx)

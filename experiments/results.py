@@ -1,22 +1,43 @@
 """The record every experiment writes: `results.json`, a table on stdout, the claim checks.
 
-{"experiment", "seed", "config", "metrics": {name: number},
- "claims": [{"name", "holds", "value", "bound"}], "versions", "wall_seconds"}
+{"schema_version", "experiment", "seed", "config", "overrides", "metrics": {name: number},
+ "claims": [{"name", "holds", "value", "bound", "op", "smoke"}], "figures", "non_finite",
+ "versions", "git_commit", "timestamp", "wall_seconds"}
+
+`results.json` is strict JSON (RFC 8259): a NaN or ±inf metric or claim value is written as
+``null`` and its place named in ``non_finite`` (e.g. ``"metrics.fkc.error"``,
+``"claims[2].value"``), so `json.loads` of any reader — and `jsonschema` against
+``results_schema.json`` next to this module (`RESULTS_SCHEMA`) — accepts it. ``config`` is the
+configuration that actually ran (smoke overrides applied), ``overrides`` the command-line
+overrides, ``git_commit`` the commit of the feynkit checkout (``"unknown"`` outside git).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import math
 import operator
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Claim", "Results", "package_versions"]
+__all__ = [
+    "RESULTS_SCHEMA",
+    "SCHEMA_VERSION",
+    "Claim",
+    "Results",
+    "git_commit",
+    "package_versions",
+    "strict_json",
+]
+
+SCHEMA_VERSION = 1
+RESULTS_SCHEMA = Path(__file__).with_name("results_schema.json")
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge}
 
@@ -49,6 +70,44 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def git_commit() -> str:
+    """The commit of the feynkit checkout this code runs from, or "unknown" (no git, no
+    repository, e.g. an installed wheel)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    sha = out.stdout.strip()
+    return sha if len(sha) == 40 else "unknown"
+
+
+def strict_json(obj: Any, path: str = "") -> tuple[Any, list[str]]:
+    """(``obj`` with every non-finite float replaced by None, the paths replaced).
+
+    Paths read like ``metrics.a.b`` for mapping keys and ``claims[2].value`` for list items.
+    """
+    bad: list[str] = []
+
+    def walk(o: Any, where: str) -> Any:
+        if isinstance(o, float) and not math.isfinite(o):
+            bad.append(where)
+            return None
+        if isinstance(o, dict):
+            return {k: walk(v, f"{where}.{k}" if where else str(k)) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(o)]
+        return o
+
+    return walk(obj, path), bad
+
+
 @dataclasses.dataclass(frozen=True)
 class Claim:
     """`value <op> bound`, e.g. FKC error < naive error / 2."""
@@ -77,10 +136,17 @@ class Claim:
 class Results:
     """Collects metrics and claims of one run and writes them."""
 
-    def __init__(self, experiment: str, seed: int, config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        experiment: str,
+        seed: int,
+        config: dict[str, Any] | None = None,
+        overrides: list[str] | None = None,
+    ):
         self.experiment = experiment
         self.seed = seed
         self.config = config or {}
+        self.overrides = list(overrides or [])
         self.metrics: dict[str, float] = {}
         self.claims: list[Claim] = []
         self.figures: list[str] = []
@@ -107,21 +173,31 @@ class Results:
         return [c for c in self.claims if not c.holds and (c.smoke or not smoke)]
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        """The record as strict-JSON-ready data (non-finite numbers → None, named in
+        ``non_finite``)."""
+        record = {
+            "schema_version": SCHEMA_VERSION,
             "experiment": self.experiment,
             "seed": self.seed,
             "config": self.config,
+            "overrides": self.overrides,
             "metrics": self.metrics,
             "claims": [c.as_dict() for c in self.claims],
             "figures": self.figures,
             "versions": package_versions(),
+            "git_commit": git_commit(),
+            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "wall_seconds": time.perf_counter() - self._start,
         }
+        record, bad = strict_json(record)
+        record["non_finite"] = bad
+        return record
 
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / "results.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n")
+        text = json.dumps(self.as_dict(), indent=2, sort_keys=False, allow_nan=False)
+        path.write_text(text + "\n")
         return path
 
     def table(self) -> str:

@@ -62,7 +62,10 @@ def collect_jobs(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "job": path.parent.name,
                 "overrides": _overrides(path.parent, res),
                 "experiment": res.get("experiment", ""),
-                "metrics": res.get("metrics", {}),
+                # strict JSON writes a non-finite metric as null (named in "non_finite")
+                "metrics": {
+                    k: float("nan") if v is None else v for k, v in res.get("metrics", {}).items()
+                },
                 "claims_held": sum(bool(c.get("holds")) for c in claims),
                 "claims": len(claims),
                 "job_seconds": res.get("wall_seconds", float("nan")),

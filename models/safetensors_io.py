@@ -1,12 +1,15 @@
 """Save and load `TransformerLM` parameters as safetensors files with Hugging Face Llama names.
 
-The safetensors format, written here directly (no dependency):
+Files are read and written by the `safetensors` package (its numpy API: ``safetensors.numpy``
+``save_file``/``load_file`` and ``safe_open`` for the metadata), whose Rust parser validates the
+header: overlapping or out-of-range ``data_offsets``, trailing bytes, non-string metadata and an
+absurd header length are refused there and reported here as a ValueError naming the file.
+The format (https://github.com/huggingface/safetensors, README "Format"):
 
     [8 bytes: N, little-endian u64] [N bytes: JSON header] [raw little-endian tensor bytes]
 
 with header ``{name: {"dtype": "F32", "shape": [...], "data_offsets": [begin, end]}, ...,
-"__metadata__": {str: str}}``, offsets relative to the start of the byte buffer, the header padded
-with spaces to a multiple of 8 bytes.
+"__metadata__": {str: str}}``.
 
 Names (flax path → Hugging Face):
 
@@ -20,6 +23,8 @@ Names (flax path → Hugging Face):
 
 HF Linear weights are (out, in), the transpose of flax kernels (in, out); the conversion transposes.
 A checkpoint without ``lm_head.weight`` (tied embeddings) gets the embedding's transpose.
+Loaded against a model, a missing or extra tensor is named (by its HF name) in the error, and
+every shape is checked.
 
 References:
   Hugging Face safetensors format, https://github.com/huggingface/safetensors (README, "Format");
@@ -28,17 +33,16 @@ References:
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import re
-import struct
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
+import safetensors.numpy as st_numpy
 
 from feynkit.core.types import PyTree
 from feynkit.models.transformer import TransformerLM
@@ -54,24 +58,9 @@ __all__ = [
     "save_safetensors",
 ]
 
-_DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype("<f8"),
-    "F32": np.dtype("<f4"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype(jnp.bfloat16),
-    "F8_E4M3": np.dtype(jnp.float8_e4m3fn),
-    "F8_E5M2": np.dtype(jnp.float8_e5m2),
-    "I64": np.dtype("<i8"),
-    "I32": np.dtype("<i4"),
-    "I16": np.dtype("<i2"),
-    "I8": np.dtype("i1"),
-    "U64": np.dtype("<u8"),
-    "U32": np.dtype("<u4"),
-    "U16": np.dtype("<u2"),
-    "U8": np.dtype("u1"),
-    "BOOL": np.dtype("bool"),
-}
-_NAMES = {dt: name for name, dt in _DTYPES.items()}
+
+def _bad_file(path, err: Exception) -> ValueError:
+    return ValueError(f"{os.fspath(path)} is not a valid safetensors file: {err}")
 
 
 def save_safetensors(
@@ -79,64 +68,40 @@ def save_safetensors(
     tensors: Mapping[str, Any],
     metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write named arrays (numpy or jax) to ``path`` in the safetensors format, in name order."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    chunks, offset = [], 0
+    """Write named arrays (numpy or jax) to ``path`` in the safetensors format
+    (``safetensors.numpy.save_file``); metadata values are stored as strings."""
+    arrays = {}
     for name in sorted(tensors):
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings, got {name!r}.")
         arr = np.asarray(tensors[name])
-        dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
-        if dt not in _NAMES:
-            raise ValueError(f"{name}: dtype {arr.dtype} has no safetensors equivalent.")
-        data = np.ascontiguousarray(arr, dtype=dt).tobytes()
-        header[name] = {
-            "dtype": _NAMES[dt],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for data in chunks:
-            f.write(data)
-
-
-def _read_header(f) -> tuple[dict[str, Any], int]:
-    (n,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(n))
-    return header, 8 + n
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        arrays[name] = arr if arr.flags.c_contiguous else arr.copy(order="C")  # keeps 0-d
+    meta = None if metadata is None else {str(k): str(v) for k, v in metadata.items()}
+    try:
+        st_numpy.save_file(arrays, os.fspath(path), metadata=meta)
+    except (safetensors.SafetensorError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"cannot write {os.fspath(path)} as safetensors: {e}") from e
 
 
 def load_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (empty if none)."""
-    with open(path, "rb") as f:
-        return dict(_read_header(f)[0].get("__metadata__", {}))
+    try:
+        with safetensors.safe_open(os.fspath(path), framework="np") as f:
+            return dict(f.metadata() or {})
+    except safetensors.SafetensorError as e:
+        raise _bad_file(path, e) from e
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read every tensor of a safetensors file as a (writable) numpy array, one read each."""
-    out = {}
-    with open(path, "rb") as f:
-        header, start = _read_header(f)
-        size = f.seek(0, os.SEEK_END) - start
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            dt = _DTYPES.get(info["dtype"])
-            if dt is None:
-                raise ValueError(f"{name}: unsupported safetensors dtype {info['dtype']}.")
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            count = math.prod(shape)
-            if not 0 <= begin <= end <= size or end - begin != dt.itemsize * count:
-                raise ValueError(f"{name}: data_offsets {[begin, end]} do not fit shape {shape}.")
-            f.seek(start + begin)
-            out[name] = np.fromfile(f, dtype=dt, count=count).reshape(shape)
-    return out
+    """Read every tensor of a safetensors file as a (writable) numpy array
+    (``safetensors.numpy.load_file``, which validates the header and the offsets)."""
+    try:
+        loaded = st_numpy.load_file(os.fspath(path))
+    except safetensors.SafetensorError as e:
+        raise _bad_file(path, e) from e
+    return {k: v if v.flags.writeable else v.copy() for k, v in loaded.items()}
 
 
 _LEAF_TO_HF = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
@@ -212,18 +177,30 @@ def load_lm_safetensors(path: str | os.PathLike, model: TransformerLM | None = N
     params = hf_to_lm_params(load_safetensors(path))
     if model is not None:
         expected = jax.eval_shape(model.init_params, jax.random.key(0))
-        if jax.tree.structure(expected) != jax.tree.structure(params):
+        want = set(lm_params_to_hf(jax.tree.map(lambda e: np.zeros((0,)), expected)))
+        have = set(lm_params_to_hf(jax.tree.map(lambda p: np.zeros((0,)), params)))
+        missing, extra = sorted(want - have), sorted(have - want)
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} tensor(s) the model needs: {missing[:8]}")
+            if extra:
+                parts.append(f"has {len(extra)} tensor(s) the model does not have: {extra[:8]}")
             raise ValueError(
-                f"checkpoint parameters {jax.tree.structure(params)} do not match the model's "
-                f"{jax.tree.structure(expected)}."
+                f"checkpoint {os.fspath(path)} does not match the model: {'; '.join(parts)} "
+                "(check the model's num_layers and the checkpoint's architecture)."
             )
 
-        def cast(e, p):
+        def cast(kp, e, p):
             if e.shape != p.shape:
-                raise ValueError(f"shape {p.shape} in checkpoint, model expects {e.shape}.")
+                name = "/".join(str(k.key) for k in kp)
+                raise ValueError(
+                    f"{name}: shape {p.shape} in checkpoint (flax layout), the model expects "
+                    f"{e.shape}; check the model's dimensions."
+                )
             return p.astype(e.dtype)
 
-        params = jax.tree.map(cast, expected, params)
+        params = jax.tree_util.tree_map_with_path(cast, expected, params)
     return jax.tree.map(jnp.asarray, params)
 
 

@@ -9,13 +9,14 @@ __all__ = ["bound_for", "task_settings"]
 
 def task_settings(cfg: DictConfig, smoke: bool) -> DictConfig:
     """``cfg.task`` with ``cfg.task.smoke_overrides`` merged in when `smoke` (the
-    replications' convention), without the overrides node itself."""
-    node = OmegaConf.to_container(cfg.task, resolve=True)
-    overrides = node.pop("smoke_overrides", None) or {}
-    out = OmegaConf.create(node)
-    if smoke and overrides:
-        out = OmegaConf.merge(out, overrides)
-    return out
+    replications' convention: keys the user set on the command line keep the user's value),
+    without the overrides node itself."""
+    from feynkit.experiments import harness
+
+    node = harness.with_smoke(cfg.task, "task") if smoke else cfg.task  # user values win
+    node = OmegaConf.to_container(node, resolve=True)
+    node.pop("smoke_overrides", None)
+    return OmegaConf.create(node)
 
 
 def bound_for(settings: DictConfig, key: str, model: str) -> float | None:

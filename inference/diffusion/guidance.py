@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -54,6 +55,16 @@ def _no_state(x: Array) -> None:
 def _is_number(v: Any) -> bool:
     # Scales may be traced (one compiled sampler for a sweep); validate concrete ones only.
     return isinstance(v, (int, float))
+
+
+def _check_finite_params(method: str, **params: Any) -> None:
+    """Concrete (Python-number) parameters must be finite; traced ones are left alone."""
+    for name, v in params.items():
+        if _is_number(v) and not math.isfinite(v):
+            raise ValueError(
+                f"{method} needs a finite {name}, got {name}={v}; pass a real number (e.g. "
+                "scale=1 is the conditional model)."
+            )
 
 
 def _mix(u: Prediction, c: Prediction, w: ArrayLike) -> Prediction:
@@ -90,6 +101,7 @@ def cfg(
     References:
       Ho & Salimans (2022), eq. 6; Kynkäänniemi et al. (2024), eq. 2 and §3.
     """
+    _check_finite_params("cfg", scale=scale)
     params = {"scale": scale, "interval": interval}
     if interval is None:
         return Guidance(_no_state, lambda c, u, s, t: (_mix(u, c, scale), s), None, "cfg", params)
@@ -231,6 +243,7 @@ def apg(
       Sadat, Hilliges & Weber (2025), "Eliminating Oversaturation and Artifacts of High Guidance
       Scales in Diffusion Models", Algorithm 1, eqs. 5–9.
     """
+    _check_finite_params("apg", scale=scale, eta=eta, momentum=momentum)
     if norm_threshold is not None and _is_number(norm_threshold) and not norm_threshold > 0:
         raise ValueError(f"apg norm_threshold must be > 0 or None, got {norm_threshold}.")
 

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.types import Array, ArrayLike, Key
-from feynkit.core.validation import check_time_grid
+from feynkit.core.validation import check_finite, check_time_grid
 from feynkit.inference.diffusion.prediction import Prediction, as_denoiser
 
 __all__ = [
@@ -295,11 +295,20 @@ def sample(
     Returns:
       (x, SampleInfo) with x of the shape of x_init. With a corrector, x are the final
       particles and ``SampleInfo`` carries their log-weights, log Ẑ, ESS and resampling flags.
+
+    Raises:
+      ValueError: while tracing (so also under ``jit``): a grid that is not 1-D with ≥ 2
+        times, a model output whose shape differs from x (`checked_model`). Data checks —
+        a grid that does not decrease strictly or leaves [0, 1], and x becoming NaN/Inf
+        (reported with the first step at which it did, e.g. a model returning NaN) — raise
+        at once on concrete input and, under ``jit``, stop the compiled run with a
+        JaxRuntimeError carrying the message (`feynkit.core.validation.fail_if`).
     """
+    check_time_grid(timesteps, decreasing=True, domain=(0.0, 1.0))
     if corrector is not None:
         from feynkit.inference.smc.corrector import corrected_sample  # smc imports this module
 
-        return corrected_sample(
+        out = corrected_sample(
             key,
             solver,
             model_fn,
@@ -315,6 +324,8 @@ def sample(
             batch_branches=batch_branches,
             keep_ancestry=keep_ancestry,
         )
+        check_finite(out[0], "the samples x", _NON_FINITE_HINT)
+        return out
     x = jnp.asarray(x_init)
     ts = check_time_grid(timesteps, x.dtype)
     denoise = as_denoiser(checked_model(model_fn, prediction), solver.schedule, prediction)
@@ -324,21 +335,48 @@ def sample(
     num_steps = ts.shape[0] - 1
 
     def body(state, inputs):
-        x, sstate, carry = state
+        x, sstate, carry, first_bad = state
         i, t, t_next = inputs
         x, sstate, carry = solver.step(
             jax.random.fold_in(key, i), x, sstate, predict, carry, t, t_next
         )
-        return (x, sstate, carry), (x if return_trajectory else None)
+        first_bad = jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(x)), i, first_bad)
+        return (x, sstate, carry, first_bad), (x if return_trajectory else None)
 
     steps = (jnp.arange(num_steps), ts[:-1], ts[1:])
-    (x_out, _, carry), traj = jax.lax.scan(body, (x, solver.init(x), carry0), steps)
+    init = (x, solver.init(x), carry0, jnp.asarray(-1, jnp.int32))
+    (x_out, _, carry, first_bad), traj = jax.lax.scan(body, init, steps)
     if denoise_final:
         pred, carry = predict(x_out, ts[-1], carry)
         x_out = pred.x0
+        first_bad = jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(x_out)), num_steps, first_bad)
+    _report_non_finite(first_bad)
     if return_trajectory:
         traj = jnp.concatenate([x[None], traj])
     return x_out, SampleInfo(carry[1], traj)
+
+
+_NON_FINITE_HINT = (
+    "check model_fn's output for NaN/Inf (and that the grid fits the solver: a step too long "
+    "for the schedule's noise rate can overflow)"
+)
+
+
+def _raise_non_finite(first_bad: Any) -> None:
+    first = int(first_bad)
+    if first >= 0:
+        raise ValueError(
+            f"diffusion.sample: x became NaN or Inf at step {first} (counting from 0 at "
+            f"timesteps[0]); {_NON_FINITE_HINT}."
+        )
+
+
+def _report_non_finite(first_bad: Array) -> None:
+    """Raise (eagerly, or at run time under jit) when the loop produced NaN/Inf."""
+    if isinstance(first_bad, jax.core.Tracer):
+        jax.debug.callback(_raise_non_finite, first_bad)
+    else:
+        _raise_non_finite(first_bad)
 
 
 def time_grid(
