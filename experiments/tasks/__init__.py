@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from feynkit.experiments.tasks.compress import CompressTask, run_compress
+from feynkit.experiments.tasks.decode import DecodeTask, run_decode
 from feynkit.experiments.tasks.models import ModelBundle
 from feynkit.experiments.tasks.sample import SampleTask, run_sample
 from feynkit.experiments.tasks.schemas import register_schemas as _register_group_schemas
@@ -25,6 +26,7 @@ __all__ = [
     "register_configs",
     "register_schemas",
     "run_compress",
+    "run_decode",
     "run_sample",
     "run_train",
     "validate_combination",
@@ -34,11 +36,13 @@ TASKS: dict[str, Callable[[Any, Any], None]] = {
     "sample": run_sample,
     "compress": run_compress,
     "train": run_train,
+    "decode": run_decode,
 }
 TASK_SCHEMAS: dict[str, type] = {
     "sample": SampleTask,
     "compress": CompressTask,
     "train": TrainTask,
+    "decode": DecodeTask,
 }
 
 
