@@ -77,8 +77,9 @@ def _weights(method, k, n, m, key, impl):
         l2 = (0.1 * jax.random.normal(kl, (RANK, n))).astype(jnp.bfloat16)
 
         def fn(x, l1, l2, c, s):
-            return svdquant_fused_matmul(x, l1, l2, c, s, bits=4, group_size=GROUP, k=k,
-                                         implementation=impl)
+            return svdquant_fused_matmul(
+                x, l1, l2, c, s, bits=4, group_size=GROUP, k=k, implementation=impl
+            )
 
         floor = q.codes.size + 4 * q.scale.size + 2 * RANK * (k + n) + io
         return fn, (x, l1, l2, q.codes, q.scale), floor
@@ -127,11 +128,18 @@ def main():
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--df11-shapes", nargs="*", default=["4096x4096"] if gpu else CPU_SHAPES[:1])
     p.add_argument("--repeats", type=int, default=30 if gpu else 5)
-    p.add_argument("--rotate-bytes", type=float, default=256e6 if gpu else 16e6,
-                   help="total weight bytes over the rotated sets (several times the L2)")
+    p.add_argument(
+        "--rotate-bytes",
+        type=float,
+        default=256e6 if gpu else 16e6,
+        help="total weight bytes over the rotated sets (several times the L2)",
+    )
     p.add_argument("--max-sets", type=int, default=32)
-    p.add_argument("--interpret", action="store_true",
-                   help="off a GPU, also run the kernels in Pallas interpret mode (no speed)")
+    p.add_argument(
+        "--interpret",
+        action="store_true",
+        help="off a GPU, also run the kernels in Pallas interpret mode (no speed)",
+    )
     p.add_argument("--check", action="store_true", help="kernel vs reference ‖Δ‖/‖ref‖")
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--seed", type=int, default=0)
@@ -139,8 +147,11 @@ def main():
     impls = ["pallas", "reference"] if (gpu or args.interpret) else ["reference"]
     print(machine_line())
     if not gpu:
-        print("no GPU: CPU timings of the XLA paths" + (" + interpreted kernels" if args.interpret
-              else "") + "; the kernels' speed must be measured on a GPU")
+        print(
+            "no GPU: CPU timings of the XLA paths"
+            + (" + interpreted kernels" if args.interpret else "")
+            + "; the kernels' speed must be measured on a GPU"
+        )
     bw = copy_bandwidth(int(2e9 if gpu else 64e6), args.repeats)
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     rows, key = [], jax.random.key(args.seed)
@@ -161,18 +172,29 @@ def main():
                     for i in range(r):
                         fn, a, floor = _weights(method, k, n, m, jax.random.fold_in(key, i), impl)
                         sets.append(a)
-                    row = dict(shape=shape, tokens=m, method=method, impl=impl, sets=r,
-                               floor_bytes=int(floor))
+                    row = dict(
+                        shape=shape,
+                        tokens=m,
+                        method=method,
+                        impl=impl,
+                        sets=r,
+                        floor_bytes=int(floor),
+                    )
                     if args.check and impl == "pallas":
-                        ref_fn, _, _ = _weights(method, k, n, m, jax.random.fold_in(key, 0),
-                                                "reference")
+                        ref_fn, _, _ = _weights(
+                            method, k, n, m, jax.random.fold_in(key, 0), "reference"
+                        )
                         out = np.asarray(jax.jit(fn)(*sets[0]), np.float64)
                         ref = np.asarray(jax.jit(ref_fn)(*sets[0]), np.float64)
                         row["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
                         row["finite"] = bool(np.isfinite(out).all())
                     t, t_min = _time(fn, sets, args.repeats)
-                    row.update(time_us=t * 1e6, min_us=t_min * 1e6, gbps=floor / t / 1e9,
-                               copy_frac=floor / t / bw)
+                    row.update(
+                        time_us=t * 1e6,
+                        min_us=t_min * 1e6,
+                        gbps=floor / t / 1e9,
+                        copy_frac=floor / t / bw,
+                    )
                     if method == "bf16":
                         t_base = t
                     results[(method, impl)] = t
@@ -183,13 +205,17 @@ def main():
                     row["x_bf16"] = t_base / t if t_base else float("nan")
                     ref = results.get((row["method"], "reference"))
                     row["x_ref"] = ref / t if ref else float("nan")
-    head = (f"{'shape':>11} {'M':>3} {'method':>6} {'impl':>9} {'time us':>9} {'GB/s':>7} "
-            f"{'copy%':>6} {'x bf16':>7} {'x ref':>6}" + (f" {'rel err':>8}" if args.check else ""))
+    head = (
+        f"{'shape':>11} {'M':>3} {'method':>6} {'impl':>9} {'time us':>9} {'GB/s':>7} "
+        f"{'copy%':>6} {'x bf16':>7} {'x ref':>6}" + (f" {'rel err':>8}" if args.check else "")
+    )
     print(head)
     for r in rows:
-        line = (f"{r['shape']:>11} {r['tokens']:>3} {r['method']:>6} {r['impl']:>9} "
-                f"{r['time_us']:9.1f} {r['gbps']:7.1f} {100 * r['copy_frac']:5.1f}% "
-                f"{r['x_bf16']:7.2f} {r['x_ref']:6.2f}")
+        line = (
+            f"{r['shape']:>11} {r['tokens']:>3} {r['method']:>6} {r['impl']:>9} "
+            f"{r['time_us']:9.1f} {r['gbps']:7.1f} {100 * r['copy_frac']:5.1f}% "
+            f"{r['x_bf16']:7.2f} {r['x_ref']:6.2f}"
+        )
         if args.check:
             err = r.get("rel_err")
             line += f" {err:8.1e}" if err is not None else " " * 9

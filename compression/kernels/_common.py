@@ -19,7 +19,7 @@ IMPLEMENTATIONS = ("pallas", "reference")
 
 
 def resolve_implementation(implementation: str | None) -> str:
-    """"pallas" / "reference" as given; None: "pallas" on a GPU backend, "reference" elsewhere."""
+    """ "pallas" / "reference" as given; None: "pallas" on a GPU backend, "reference" elsewhere."""
     if implementation is None:
         return "pallas" if jax.default_backend() == "gpu" else "reference"
     if implementation not in IMPLEMENTATIONS:
@@ -41,7 +41,7 @@ def compiler_params(num_warps: int, num_stages: int):
         return None
     from jax.experimental.pallas import triton as plgpu
 
-    cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+    cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams
     return cls(num_warps=num_warps, num_stages=num_stages)
 
 
@@ -58,7 +58,7 @@ def round_up(n: int, m: int) -> int:
 
 def pad_to(a, shape, value=0):
     """Zero- (or ``value``-) pad ``a`` at the end of each axis to ``shape`` (no copy if equal)."""
-    pads = [(0, t - s) for s, t in zip(a.shape, shape)]
+    pads = [(0, t - s) for s, t in zip(a.shape, shape, strict=True)]
     if all(p == (0, 0) for p in pads):
         return a
     return jnp.pad(a, pads, constant_values=value)

@@ -58,9 +58,9 @@ def dfloat11_decode_reference(d):
     return _dfloat11_decompress_jax(d)
 
 
-def _decode_kernel(off_ref, sm_ref, words_ref, left_ref, first_ref, used_ref, sym_ref, o_ref,
-                   *, steps, nwords):
-    lanes = off_ref.shape[0]
+def _decode_kernel(
+    off_ref, sm_ref, words_ref, left_ref, first_ref, used_ref, sym_ref, o_ref, *, steps, nwords
+):
     lengths = lax.broadcasted_iota(jnp.int32, (1, _MAXLEN), 1) + 1
     f_l = left_ref[pl.ds(1, _MAXLEN)][None, :]
     i_l = first_ref[pl.ds(1, _MAXLEN)][None, :]
@@ -107,7 +107,10 @@ def _pallas(d, blocks: DecodeBlocks):
         functools.partial(_decode_kernel, steps=bs, nwords=nwords),
         out_shape=jax.ShapeDtypeStruct((nbp, bs), jnp.uint16),
         grid=(nbp // lanes,),
-        in_specs=[pl.BlockSpec((lanes,), lambda i: (i,)), pl.BlockSpec((lanes, bs), lambda i: (i, 0))]
+        in_specs=[
+            pl.BlockSpec((lanes,), lambda i: (i,)),
+            pl.BlockSpec((lanes, bs), lambda i: (i, 0)),
+        ]
         + [full(a) for a in tabs],
         out_specs=pl.BlockSpec((lanes, bs), lambda i: (i, 0)),
         params=(blocks.num_warps, blocks.num_stages),

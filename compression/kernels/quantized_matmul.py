@@ -11,12 +11,13 @@ The kernel (`weight_only_matmul`, implementation="pallas") owns a (block_m × bl
 tile per program and loops over its share of K in steps of ``block_k`` codes: each step loads
 block_k/2 bytes × block_n of packed codes (int4) or block_k × block_n codes (int8), one row of
 scales (and zeros), unpacks the nibbles, upcasts and scales them in registers and accumulates
-two tensor-core dots in f32 (even and odd k: x is split into its even and odd columns once per
-call, so no interleave is needed in registers). Decode-sized batches (1–16 tokens) have too few
-output tiles to fill the GPU's ~132 multiprocessors, so K is split over ``split_k`` programs
-whose f32 partial tiles are summed afterwards (split-K GEMV). The bytes that must move are the
-packed codes plus scales (≈ K·N/2 + 4·K·N/g for int4): at 1–64 tokens the product is memory-
-bound, which is where 4-bit codes pay (≈ 4× fewer bytes than bf16 weights).
+two tensor-core dots in f32 (even and odd k: the x tile is read as its even and odd columns by
+two stride-2 loads, so no nibble interleave is needed in registers). Decode-sized batches
+(1–16 tokens) have too few output tiles to fill the GPU's ~132 multiprocessors, so K is split
+over ``split_k`` programs whose f32 partial tiles are summed afterwards (split-K GEMV). The
+bytes that must move are the packed codes plus scales (≈ K·N/2 + 4·K·N/g for int4): at 1–64
+tokens the product is memory-bound, which is where 4-bit codes pay (≈ 4× fewer bytes than bf16
+weights).
 
 Sizes that are not multiples of the blocks are zero-padded (x, codes and scales; padding the
 weights costs one copy per call, so store production weights with N a multiple of block_n).
@@ -107,15 +108,24 @@ def _normalize(x, codes, scale, zero, bits, group_size, k):
             raise ValueError(f"a (1, 1) per-tensor scale needs group_size = K = {k}.")
         scale = jnp.broadcast_to(scale, (1, n))
     if scale.shape != (groups, n):
-        raise ValueError(f"scale has shape {scale.shape}; expected (K / group_size, N) = "
-                         f"({groups}, {n}).")
+        raise ValueError(
+            f"scale has shape {scale.shape}; expected (K / group_size, N) = ({groups}, {n})."
+        )
     if zero is not None:
         zero = jnp.broadcast_to(jnp.asarray(zero, jnp.float32), scale.shape)
     return scale, zero
 
 
 def weight_only_matmul_reference(
-    x, codes, scale, zero=None, *, bits: int, group_size: int, k: int, out_dtype=None,
+    x,
+    codes,
+    scale,
+    zero=None,
+    *,
+    bits: int,
+    group_size: int,
+    k: int,
+    out_dtype=None,
     compute_dtype=None,
 ):
     """Dequantize-then-matmul in plain JAX: w = s·(c − z) in f32, cast to the compute dtype
@@ -150,12 +160,11 @@ def _qmm_kernel(*refs, bits, bk, steps, g, groups, offset, cd, has_zero, lowrank
     refs = list(refs)
     o_ref = refs.pop()
     packed = bits <= 4
-    nx = 2 if packed else 1  # [x] (int8) or [x_even, x_odd] (int4)
-    x_refs, c_ref, s_ref = refs[:nx], refs[nx], refs[nx + 1]
-    rest = refs[nx + 2 :]
+    x_ref, c_ref, s_ref, *rest = refs
     z_ref = rest.pop(0) if has_zero else None
-    if lowrank:  # [L1 rows (even, odd)], L2, then the branch's own x (even, odd) if it has one
-        l1_refs, l2_ref, xl_refs = rest[:nx], rest[nx], rest[nx + 1 :] or x_refs
+    if lowrank:  # L1, L2, then the branch's own x if it has one
+        l1_ref, l2_ref = rest[0], rest[1]
+        xl_ref = rest[2] if len(rest) > 2 else None
     split = pl.program_id(2)
     bm, bn = o_ref.shape
 
@@ -165,17 +174,21 @@ def _qmm_kernel(*refs, bits, bk, steps, g, groups, offset, cd, has_zero, lowrank
         row = jnp.minimum(k0 // g, groups - 1)
         sc = s_ref[pl.ds(row, 1), :]
         zz = z_ref[pl.ds(row, 1), :] if has_zero else jnp.full((1, bn), offset, jnp.float32)
-        step = bk // nx
-        rows = pl.ds(t * step, step)
-        b = c_ref[rows, :]
-        xt = [xr[:, rows].astype(cd) for xr in x_refs]
-        ws = [b & 0xF, b >> 4] if packed else [b]
-        for xi, ci in zip(xt, ws):
+        if packed:  # byte row i holds k = 2i (low nibble) and 2i + 1: even / odd x columns
+            hb = bk // 2
+            b = c_ref[pl.ds(t * hb, hb), :]
+            ks = [pl.ds(t * bk, hb, stride=2), pl.ds(t * bk + 1, hb, stride=2)]
+            ws = [b & 0xF, b >> 4]
+        else:
+            ks = [pl.ds(t * bk, bk)]
+            ws = [c_ref[ks[0], :]]
+        xt = [x_ref[:, kk].astype(cd) for kk in ks]
+        for xi, ci in zip(xt, ws, strict=True):
             acc = acc + _dot(xi, _dequant(ci, sc, zz, cd), cd)
-        if lowrank:  # x·L1 on the same K step (from the tiles already loaded when shared)
-            xl = xt if xl_refs is x_refs else [xr[:, rows].astype(cd) for xr in xl_refs]
-            for xi, lr in zip(xl, l1_refs):
-                low = low + _dot(xi, lr[rows, :].astype(cd), cd)
+        if lowrank:  # x·L1 on the same K step (from the x tiles already loaded when shared)
+            xl = xt if xl_ref is None else [xl_ref[:, kk].astype(cd) for kk in ks]
+            for xi, kk in zip(xl, ks, strict=True):
+                low = low + _dot(xi, l1_ref[kk, :].astype(cd), cd)
         return acc, low
 
     r = l2_ref.shape[0] if lowrank else 16
@@ -184,6 +197,18 @@ def _qmm_kernel(*refs, bits, bk, steps, g, groups, offset, cd, has_zero, lowrank
     if lowrank:
         acc = acc + _dot(low.astype(cd), l2_ref[...].astype(cd), cd)
     o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def split_k_plan(tiles: int, total_steps: int, blocks: QMatmulBlocks) -> tuple[int, int]:
+    """(split, steps per split): ``blocks.split_k``, or doubled from 1 while the grid has fewer
+    than ``target_programs`` programs and every split keeps at least one K step."""
+    split = blocks.split_k
+    if split is None:
+        split = 1
+        while tiles * split * 2 <= blocks.target_programs and split * 2 <= total_steps:
+            split *= 2
+    split = max(1, min(split, total_steps))
+    return split, -(-total_steps // split)
 
 
 def _plan(m, k, n, bits, group_size, blocks: QMatmulBlocks):
@@ -207,13 +232,7 @@ def _plan(m, k, n, bits, group_size, blocks: QMatmulBlocks):
     mp, np_ = C.round_up(m, bm), C.round_up(n, bn)
     total = -(-k // bk)
     tiles = (mp // bm) * (np_ // bn)
-    split = blocks.split_k
-    if split is None:
-        split = 1
-        while tiles * split * 2 <= blocks.target_programs and split * 2 <= total:
-            split *= 2
-    split = max(1, min(split, total))
-    steps = -(-total // split)
+    split, steps = split_k_plan(tiles, total, blocks)
     kp = split * steps * bk
     g_eff = kp if groups == 1 else group_size
     return bm, bn, bk, split, steps, mp, kp, np_, g_eff, groups
@@ -226,15 +245,14 @@ def _launch(x2, codes, scale, zero, *, bits, group_size, k, blocks, cd, out_dtyp
     ks = steps * bk  # K codes per split
     packed = bits <= 4
     xp = C.pad_to(x2, (mp, kp))
-    xs = [xp[:, 0::2], xp[:, 1::2]] if packed else [xp]
-    xk = ks // 2 if packed else ks
+    ck = ks // 2 if packed else ks  # code rows per split
     cp = C.pad_to(codes, (kp // 2 if packed else kp, np_))
     sp = C.pad_to(scale, (groups, np_), 1.0)
     mt = mp // bm
-    args = [*xs, cp, sp]
-    specs = [pl.BlockSpec((bm, xk), lambda i, j, s: (i, s)) for _ in xs]
-    specs += [
-        pl.BlockSpec((xk, bn), lambda i, j, s: (s, j)),
+    args = [xp, cp, sp]
+    specs = [
+        pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)),
+        pl.BlockSpec((ck, bn), lambda i, j, s: (s, j)),
         pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)),
     ]
     if zero is not None:
@@ -243,20 +261,25 @@ def _launch(x2, codes, scale, zero, *, bits, group_size, k, blocks, cd, out_dtyp
     if lowrank is not None:
         xl, l1, l2 = lowrank
         r = C.round_up(l1.shape[1], 16)
-        l1p = C.pad_to(l1, (kp, r))
-        l1s = [l1p[0::2], l1p[1::2]] if packed else [l1p]
-        args += [*l1s, C.pad_to(l2, (r, np_))]
-        specs += [pl.BlockSpec((xk, r), lambda i, j, s: (s, 0)) for _ in l1s]
-        specs.append(pl.BlockSpec((r, bn), lambda i, j, s: (0, j)))
+        args += [C.pad_to(l1, (kp, r)), C.pad_to(l2, (r, np_))]
+        specs += [
+            pl.BlockSpec((ks, r), lambda i, j, s: (s, 0)),
+            pl.BlockSpec((r, bn), lambda i, j, s: (0, j)),
+        ]
         if xl is not None:  # the branch's activations differ (quantized main path)
-            xlp = C.pad_to(xl, (mp, kp))
-            xls = [xlp[:, 0::2], xlp[:, 1::2]] if packed else [xlp]
-            args += xls
-            specs += [pl.BlockSpec((bm, xk), lambda i, j, s: (i, s)) for _ in xls]
+            args.append(C.pad_to(xl, (mp, kp)))
+            specs.append(pl.BlockSpec((bm, ks), lambda i, j, s: (i, s)))
     part_dtype = jnp.float32 if split > 1 else out_dtype
     kernel = functools.partial(
-        _qmm_kernel, bits=bits, bk=bk, steps=steps, g=g, groups=groups,
-        offset=float(2 ** (bits - 1)), cd=cd, has_zero=zero is not None,
+        _qmm_kernel,
+        bits=bits,
+        bk=bk,
+        steps=steps,
+        g=g,
+        groups=groups,
+        offset=float(2 ** (bits - 1)),
+        cd=cd,
+        has_zero=zero is not None,
         lowrank=lowrank is not None,
     )
     out = C.pallas_call(
@@ -279,14 +302,33 @@ def _launch(x2, codes, scale, zero, *, bits, group_size, k, blocks, cd, out_dtyp
 )
 def _pallas(x, codes, scale, zero, *, bits, group_size, k, blocks, out_dtype, compute_dtype):
     lead = x.shape[:-1]
-    y = _launch(x.reshape(-1, k), codes, scale, zero, bits=bits, group_size=group_size, k=k,
-                blocks=blocks, cd=jnp.dtype(compute_dtype), out_dtype=jnp.dtype(out_dtype))
+    y = _launch(
+        x.reshape(-1, k),
+        codes,
+        scale,
+        zero,
+        bits=bits,
+        group_size=group_size,
+        k=k,
+        blocks=blocks,
+        cd=jnp.dtype(compute_dtype),
+        out_dtype=jnp.dtype(out_dtype),
+    )
     return y.reshape(lead + (codes.shape[1],))
 
 
 def weight_only_matmul(
-    x, codes, scale, zero=None, *, bits: int, group_size: int, k: int,
-    implementation: str | None = None, blocks: QMatmulBlocks | None = None, out_dtype=None,
+    x,
+    codes,
+    scale,
+    zero=None,
+    *,
+    bits: int,
+    group_size: int,
+    k: int,
+    implementation: str | None = None,
+    blocks: QMatmulBlocks | None = None,
+    out_dtype=None,
     compute_dtype=None,
 ):
     """y = x @ dequant(codes) for int2..int8 codes with per-group scales (and zero points).
@@ -312,20 +354,39 @@ def weight_only_matmul(
     compute_dtype = jnp.dtype(compute_dtype or x.dtype)
     if C.resolve_implementation(implementation) == "reference":
         return weight_only_matmul_reference(
-            x, codes, scale, zero, bits=bits, group_size=group_size, k=k, out_dtype=out_dtype,
+            x,
+            codes,
+            scale,
+            zero,
+            bits=bits,
+            group_size=group_size,
+            k=k,
+            out_dtype=out_dtype,
             compute_dtype=compute_dtype,
         )
     blocks = blocks or QMatmulBlocks()
     _plan(1, k, codes.shape[1], bits, group_size, blocks)  # eager: refuse unsupported groups
-    return _pallas(x, codes, scale, zero, bits=bits, group_size=group_size, k=k, blocks=blocks,
-                   out_dtype=out_dtype, compute_dtype=compute_dtype)
+    return _pallas(
+        x,
+        codes,
+        scale,
+        zero,
+        bits=bits,
+        group_size=group_size,
+        k=k,
+        blocks=blocks,
+        out_dtype=out_dtype,
+        compute_dtype=compute_dtype,
+    )
 
 
 def supports_quantized_array(q, blocks: QMatmulBlocks | None = None) -> str | None:
     """None if `weight_only_matmul` can serve ``q``'s matmul, else the reason it cannot."""
     if q.codes.ndim != 2 or len(q.shape) != 2 or q.axis != 0:
-        return (f"the kernel serves 2-D (K, N) kernels quantized along axis 0; got shape "
-                f"{q.shape}, axis {q.axis}, codes {q.codes.shape}")
+        return (
+            f"the kernel serves 2-D (K, N) kernels quantized along axis 0; got shape "
+            f"{q.shape}, axis {q.axis}, codes {q.codes.shape}"
+        )
     try:
         _plan(1, q.shape[0], q.shape[1], q.bits, q.group_size, blocks or QMatmulBlocks())
     except ValueError as e:
@@ -333,8 +394,9 @@ def supports_quantized_array(q, blocks: QMatmulBlocks | None = None) -> str | No
     return None
 
 
-def quantized_matmul(x, q, *, implementation: str | None = None,
-                     blocks: QMatmulBlocks | None = None):
+def quantized_matmul(
+    x, q, *, implementation: str | None = None, blocks: QMatmulBlocks | None = None
+):
     """x @ q.dequantize() for a 2-D `QuantizedArray` ``q``, in promote(x.dtype, q.dtype)."""
     x = jnp.asarray(x)
     reason = supports_quantized_array(q, blocks)
@@ -342,6 +404,13 @@ def quantized_matmul(x, q, *, implementation: str | None = None,
         raise ValueError(f"quantized_matmul: {reason}.")
     dt = jnp.promote_types(x.dtype, q.dtype)
     return weight_only_matmul(
-        x.astype(dt), q.codes, q.scale, q.zero, bits=q.bits, group_size=q.group_size,
-        k=q.shape[0], implementation=implementation, blocks=blocks,
+        x.astype(dt),
+        q.codes,
+        q.scale,
+        q.zero,
+        bits=q.bits,
+        group_size=q.group_size,
+        k=q.shape[0],
+        implementation=implementation,
+        blocks=blocks,
     )

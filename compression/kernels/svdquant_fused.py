@@ -47,34 +47,65 @@ def _check_lowrank(x_low, x_quant, l1, l2, k, n):
 
 
 def svdquant_fused_matmul_reference(
-    x_low, l1, l2, codes, scale, zero=None, *, x_quant=None, bits: int = 4, group_size: int,
-    k: int, out_dtype=None,
+    x_low,
+    l1,
+    l2,
+    codes,
+    scale,
+    zero=None,
+    *,
+    x_quant=None,
+    bits: int = 4,
+    group_size: int,
+    k: int,
+    out_dtype=None,
 ):
     """(x_low · L₁) · L₂ + x_q · dequant(R) as separate XLA products (`svdquant_apply`'s order)."""
     x_low = jnp.asarray(x_low)
     cd = x_low.dtype
     low = (x_low @ jnp.asarray(l1).astype(cd)) @ jnp.asarray(l2).astype(cd)
     xq = x_low if x_quant is None else jnp.asarray(x_quant)
-    main = weight_only_matmul_reference(xq, codes, scale, zero, bits=bits,
-                                        group_size=group_size, k=k)
+    main = weight_only_matmul_reference(
+        xq, codes, scale, zero, bits=bits, group_size=group_size, k=k
+    )
     return (low + main).astype(out_dtype or cd)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "group_size", "k", "blocks", "out_dtype"))
-def _pallas(x_low, x_quant, l1, l2, codes, scale, zero, *, bits, group_size, k, blocks,
-            out_dtype):
+def _pallas(x_low, x_quant, l1, l2, codes, scale, zero, *, bits, group_size, k, blocks, out_dtype):
     lead, n = x_low.shape[:-1], codes.shape[1]
     main = x_low if x_quant is None else x_quant
     xl = None if x_quant is None else x_low.reshape(-1, k)
-    y = _launch(main.reshape(-1, k), codes, scale, zero, bits=bits, group_size=group_size, k=k,
-                blocks=blocks, cd=x_low.dtype, out_dtype=jnp.dtype(out_dtype),
-                lowrank=(xl, l1, l2))
+    y = _launch(
+        main.reshape(-1, k),
+        codes,
+        scale,
+        zero,
+        bits=bits,
+        group_size=group_size,
+        k=k,
+        blocks=blocks,
+        cd=x_low.dtype,
+        out_dtype=jnp.dtype(out_dtype),
+        lowrank=(xl, l1, l2),
+    )
     return y.reshape(lead + (n,))
 
 
 def svdquant_fused_matmul(
-    x_low, l1, l2, codes, scale, zero=None, *, x_quant=None, bits: int = 4, group_size: int,
-    k: int, implementation: str | None = None, blocks: QMatmulBlocks | None = None,
+    x_low,
+    l1,
+    l2,
+    codes,
+    scale,
+    zero=None,
+    *,
+    x_quant=None,
+    bits: int = 4,
+    group_size: int,
+    k: int,
+    implementation: str | None = None,
+    blocks: QMatmulBlocks | None = None,
     out_dtype=None,
 ):
     """y = x_low · L₁ · L₂ + x_q · dequant(R) in one kernel (implementation="pallas").
@@ -95,10 +126,31 @@ def svdquant_fused_matmul(
     out_dtype = jnp.dtype(out_dtype or x_low.dtype)
     if C.resolve_implementation(implementation) == "reference":
         return svdquant_fused_matmul_reference(
-            x_low, l1, l2, codes, scale, zero, x_quant=x_quant, bits=bits,
-            group_size=group_size, k=k, out_dtype=out_dtype,
+            x_low,
+            l1,
+            l2,
+            codes,
+            scale,
+            zero,
+            x_quant=x_quant,
+            bits=bits,
+            group_size=group_size,
+            k=k,
+            out_dtype=out_dtype,
         )
     blocks = blocks or QMatmulBlocks()
     _plan(1, k, codes.shape[1], bits, group_size, blocks)
-    return _pallas(x_low, x_quant, l1, l2, codes, scale, zero, bits=bits, group_size=group_size,
-                   k=k, blocks=blocks, out_dtype=out_dtype)
+    return _pallas(
+        x_low,
+        x_quant,
+        l1,
+        l2,
+        codes,
+        scale,
+        zero,
+        bits=bits,
+        group_size=group_size,
+        k=k,
+        blocks=blocks,
+        out_dtype=out_dtype,
+    )

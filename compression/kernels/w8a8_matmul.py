@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from feynkit.compression.kernels import _common as C
-from feynkit.compression.kernels.quantized_matmul import QMatmulBlocks
+from feynkit.compression.kernels.quantized_matmul import QMatmulBlocks, split_k_plan
 
 __all__ = [
     "quantize_per_channel",
@@ -105,15 +105,14 @@ def _pallas(xq, sx, wq, sw, *, blocks, out_dtype):
     bk = blocks.block_k
     mp, np_ = C.round_up(m, bm), C.round_up(n, bn)
     total, tiles = -(-k // bk), (mp // bm) * (np_ // bn)
-    split = blocks.split_k or 1
-    if blocks.split_k is None:
-        while tiles * split * 2 <= blocks.target_programs and split * 2 <= total:
-            split *= 2
-    split = min(split, total)
-    steps = -(-total // split)
+    split, steps = split_k_plan(tiles, total, blocks)
     kp, ks, mt = split * steps * bk, steps * bk, mp // bm
-    args = (C.pad_to(xq, (mp, kp)), C.pad_to(wq, (kp, np_)),
-            C.pad_to(sx.astype(jnp.float32), (mp, 1)), C.pad_to(sw.astype(jnp.float32), (1, np_)))
+    args = (
+        C.pad_to(xq, (mp, kp)),
+        C.pad_to(wq, (kp, np_)),
+        C.pad_to(sx.astype(jnp.float32), (mp, 1)),
+        C.pad_to(sw.astype(jnp.float32), (1, np_)),
+    )
     part = jnp.float32 if split > 1 else out_dtype
     out = C.pallas_call(
         functools.partial(_kernel, bk=bk, steps=steps, acc_dtype=_acc_dtype(xq.dtype)),
@@ -134,8 +133,16 @@ def _pallas(xq, sx, wq, sw, *, blocks, out_dtype):
     return out[:m, :n].astype(out_dtype)
 
 
-def w8a8_matmul(xq, sx, wq, sw, *, implementation: str | None = None,
-                blocks: QMatmulBlocks | None = None, out_dtype=jnp.float32):
+def w8a8_matmul(
+    xq,
+    sx,
+    wq,
+    sw,
+    *,
+    implementation: str | None = None,
+    blocks: QMatmulBlocks | None = None,
+    out_dtype=jnp.float32,
+):
     """y = s_x · s_w · (q_x @ q_w) for int8 (exact int32 accumulation) or fp8 e4m3 codes.
 
     Args:
