@@ -5,8 +5,8 @@ bit offset of the block's first exponent code, so blocks decode independently. H
 owns ``lanes`` consecutive blocks, one per lane (a thread in Triton's lowering, 4 warps = 128
 lanes), and walks them in lock step for ``block_size`` steps: each step reads every lane's
 32-bit window of the stream (two word gathers), finds the code length with the canonical-code
-test ℓ = max{ℓ used : F_ℓ ≤ w} (a (lanes × 32) compare and three row maxima, which also
-give F_ℓ and the first index without a table gather), looks the exponent up in the
+test ℓ = max{ℓ used : F_ℓ ≤ w} (a (lanes × 32) compare and an int32 row maximum), gathers F_ℓ
+and the first index of ℓ from the 33-entry tables, looks the exponent up in the
 256-entry symbol table, and writes the bf16 bits ((sm & 0x80) << 8) | (e << 7) | (sm & 0x7F)
 next to the raw sign-mantissa byte it read. The decoded tensor then feeds an ordinary bf16 XLA
 matmul (`DFloat11Array.matmul`): the decode writes 2 bytes and reads ≈ 1.4 per value, once per
@@ -63,7 +63,6 @@ def _decode_kernel(
 ):
     lengths = lax.broadcasted_iota(jnp.int32, (1, _MAXLEN), 1) + 1
     f_l = left_ref[pl.ds(1, _MAXLEN)][None, :]
-    i_l = first_ref[pl.ds(1, _MAXLEN)][None, :]
     u_l = used_ref[pl.ds(1, _MAXLEN)][None, :] != 0
 
     def step(t, pos):
@@ -72,12 +71,9 @@ def _decode_kernel(
         hi = words_ref[idx] << off
         nxt = words_ref[idx + 1] >> (jnp.uint32(32) - jnp.maximum(off, jnp.uint32(1)))
         w = hi | jnp.where(off == 0, jnp.uint32(0), nxt)
-        # the used lengths with F_ℓ ≤ w form a prefix, and F_ℓ, first_index_ℓ increase along
-        # the used lengths, so the maxima over the hits are the entries of ℓ(w) itself
         hit = u_l & (f_l <= w[:, None])
-        ell = jnp.max(jnp.where(hit, lengths, 0), axis=1)
-        left = jnp.max(jnp.where(hit, f_l, jnp.uint32(0)), axis=1)
-        first = jnp.max(jnp.where(hit, i_l, 0), axis=1)
+        ell = jnp.max(jnp.where(hit, lengths, 0), axis=1)  # int32 row maximum
+        left, first = left_ref[ell], first_ref[ell]  # gathers from the 33-entry tables
         shift = (jnp.int32(_MAXLEN) - jnp.maximum(ell, 1)).astype(jnp.uint32)
         rank = ((w - left) >> shift).astype(jnp.int32)
         e = sym_ref[jnp.clip(first + rank, 0, 255)].astype(jnp.uint32)

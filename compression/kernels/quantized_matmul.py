@@ -260,7 +260,7 @@ def _launch(x2, codes, scale, zero, *, bits, group_size, k, blocks, cd, out_dtyp
         specs.append(pl.BlockSpec((groups, bn), lambda i, j, s: (0, j)))
     if lowrank is not None:
         xl, l1, l2 = lowrank
-        r = C.round_up(l1.shape[1], 16)
+        r = C.pow2_at_least(l1.shape[1], 16)  # Triton tensors have power-of-two sizes
         args += [C.pad_to(l1, (kp, r)), C.pad_to(l2, (r, np_))]
         specs += [
             pl.BlockSpec((ks, r), lambda i, j, s: (s, 0)),

@@ -131,8 +131,8 @@ def test_quantized_array_dispatch_and_jit():
     q = quantize(jax.random.normal(kw, (128, 48)), 4, group_size=64, symmetric=False)
     x = jax.random.normal(kx, (2, 3, 128))
     dense = jnp.matmul(x, q.dequantize())
-    # default off a GPU: the reference path, numerics of x @ dequantize() unchanged
-    np.testing.assert_array_equal(np.asarray(q.matmul(x)), np.asarray(dense))
+    if jax.default_backend() != "gpu":  # default off a GPU: x @ dequantize(), bit for bit
+        np.testing.assert_array_equal(np.asarray(q.matmul(x)), np.asarray(dense))
     jitted = jax.jit(lambda q, x: q.matmul(x, implementation="pallas"))
     out = jitted(q, x)
     assert out.shape == (2, 3, 48) and _rel(out, dense) < 1e-5
