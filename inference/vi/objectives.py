@@ -48,7 +48,7 @@ Rényi ELBO does under plates, pyro issue #3104) is a different, looser bound fo
 
 Bad input raises ValueError naming the argument: num_samples < 1, α < 0 or not finite,
 an unknown estimator, parameters whose tree does not match the family, non-finite log-joint
-values (also under `jit`, through `core.validation.check_finite`).
+values (also under `jit`, through `core.validation.fail_if`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from feynkit.core.types import Array, Key, PyTree
-from feynkit.core.validation import check_finite
+from feynkit.core.validation import fail_if
 
 __all__ = [
     "ESTIMATORS",
@@ -151,12 +151,12 @@ def _one_group(key, log_joint, family, params, data, num_samples, alpha, estimat
     lp = lj(z, data)
     if lp.shape != (num_samples,):
         raise ValueError(f"log_joint must return a scalar per sample, got shape {lp.shape[1:]}.")
-    check_finite(lp, "log_joint(z, data)", "return finite log-densities on q's support")
     lq = family.log_prob(params, z)
     value = bound_value(sg(lp - lq), alpha)
+    bad = ~jnp.all(jnp.isfinite(sg(lp)))
 
     if estimator == "reparam":
-        return value, bound_value(lp - lq, alpha)
+        return value, bound_value(lp - lq, alpha), bad
 
     if estimator in ("score", "vimco"):
         lp_fixed = lj(z_fixed, data)
@@ -167,16 +167,16 @@ def _one_group(key, log_joint, family, params, data, num_samples, alpha, estimat
             signal = jnp.full((num_samples,), f - baseline)
         else:
             signal = f - _leave_one_out(sg(lw), alpha)
-        return value, bound_value(lw, alpha) + jnp.sum(sg(signal) * lq_fixed)
+        return value, bound_value(lw, alpha) + jnp.sum(sg(signal) * lq_fixed), bad
 
     lw_stl = lp - family.log_prob(sg(params), z)
     if estimator == "stl":
-        return value, jnp.mean(lw_stl)
+        return value, jnp.mean(lw_stl), bad
     # dreg
     w = jax.nn.softmax((1.0 - alpha) * sg(lw_stl))
     c = alpha * w + (1.0 - alpha) * w**2
     lp_fixed = lj(z_fixed, data)  # carries the ordinary Σ w̃ ∇θ log p for model parameters
-    return value, jnp.sum(sg(c) * lw_stl) + jnp.sum(sg(w - c) * lp_fixed)
+    return value, jnp.sum(sg(c) * lw_stl) + jnp.sum(sg(w - c) * lp_fixed), bad
 
 
 def _rws_group(key, log_joint, family, params, data, num_samples, wake):
@@ -184,7 +184,6 @@ def _rws_group(key, log_joint, family, params, data, num_samples, wake):
     lp = jax.vmap(log_joint, in_axes=(0, None))(z, data)
     if lp.shape != (num_samples,):
         raise ValueError(f"log_joint must return a scalar per sample, got shape {lp.shape[1:]}.")
-    check_finite(lp, "log_joint(z, data)", "return finite log-densities on q's support")
     lq = family.log_prob(params, z)
     lw = sg(lp - lq)
     w = jax.nn.softmax(lw)
@@ -193,17 +192,25 @@ def _rws_group(key, log_joint, family, params, data, num_samples, wake):
         surrogate = surrogate + jnp.sum(w * lp)
     if wake in ("phi", "both"):
         surrogate = surrogate + jnp.sum(w * lq)
-    return _log_mean_exp(lw), surrogate
+    return _log_mean_exp(lw), surrogate, ~jnp.all(jnp.isfinite(lp))
 
 
-def _combine(group_fn, key, params, data, local):
+_NONFINITE = (
+    "log_joint(z, data) returned NaN or Inf for a sample of q; return finite log-densities on "
+    "q's support (or pass validate=False to skip this check)"
+)
+
+
+def _combine(group_fn, key, params, data, local, validate):
     if local:
         n = jax.tree.leaves(params)[0].shape[0]
         keys = jax.random.split(key, n)
-        values, surrogates = jax.vmap(group_fn)(keys, params, data)
-        value, surrogate = jnp.sum(values), jnp.sum(surrogates)
+        values, surrogates, bad = jax.vmap(group_fn)(keys, params, data)
+        value, surrogate, bad = jnp.sum(values), jnp.sum(surrogates), jnp.any(bad)
     else:
-        value, surrogate = group_fn(key, params, data)
+        value, surrogate, bad = group_fn(key, params, data)
+    if validate:  # one host check per call (also under jit; see `core.validation.fail_if`)
+        fail_if(bad, _NONFINITE)
     return value + surrogate - sg(surrogate)
 
 
@@ -219,6 +226,7 @@ def renyi(
     estimator: str = "reparam",
     baseline: float | Array = 0.0,
     local: bool = False,
+    validate: bool = True,
 ) -> Array:
     """The Rényi-α bound 1/(1−α) log (1/K) Σ_k (p(x, z_k)/q(z_k))^{1−α} (α ≥ 0; α = 1 is the
     ELBO, α = 0 IWAE) with the gradient of `estimator` (see the module docstring).
@@ -232,6 +240,9 @@ def renyi(
       data: passed to `log_joint` (with ``local=True``: a pytree with leading axis N).
       alpha, num_samples, estimator, baseline: the bound, K, the estimator, the score baseline.
       local: one latent per data point; the bound is the sum of per-point bounds.
+      validate: check the log-joint values are finite (a ValueError, also under `jit`). The
+        check is one host callback per call, which `vmap` unrolls per batch element: pass
+        False inside large vmaps (e.g. thousands of gradient draws).
 
     Returns:
       A scalar: the bound estimate, whose gradient is the estimator's.
@@ -248,41 +259,42 @@ def renyi(
     def group(k, p, x):
         return _one_group(k, log_joint, family, p, x, num_samples, alpha, estimator, baseline)
 
-    return _combine(group, key, params, data, local)
+    return _combine(group, key, params, data, local, validate)
 
 
 def elbo(key, log_joint, family, params, data=None, *, num_samples=1, estimator="reparam",
-         baseline=0.0, local=False) -> Array:
+         baseline=0.0, local=False, validate=True) -> Array:
     """The ELBO mean_k [log p(x, z_k) − log q(z_k)] averaged over K samples (see `renyi`).
 
     References: Kingma & Welling (2014); Ranganath, Gerrish & Blei (2014), "Black Box
     Variational Inference"; Roeder, Wu & Duvenaud (2017), "Sticking the Landing".
     """
     return renyi(key, log_joint, family, params, data, alpha=1.0, num_samples=num_samples,
-                 estimator=estimator, baseline=baseline, local=local)
+                 estimator=estimator, baseline=baseline, local=local, validate=validate)
 
 
 def iwae(key, log_joint, family, params, data=None, *, num_samples, estimator="reparam",
-         baseline=0.0, local=False) -> Array:
+         baseline=0.0, local=False, validate=True) -> Array:
     """The importance-weighted bound log (1/K) Σ_k p(x, z_k)/q(z_k) (see `renyi`).
 
     References: Burda, Grosse & Salakhutdinov (2016), "Importance Weighted Autoencoders".
     """
     return renyi(key, log_joint, family, params, data, alpha=0.0, num_samples=num_samples,
-                 estimator=estimator, baseline=baseline, local=local)
+                 estimator=estimator, baseline=baseline, local=local, validate=validate)
 
 
-def vimco(key, log_joint, family, params, data=None, *, num_samples, local=False) -> Array:
+def vimco(key, log_joint, family, params, data=None, *, num_samples, local=False,
+          validate=True) -> Array:
     """VIMCO: the IWAE bound with per-sample leave-one-out baselines (K ≥ 2).
 
     References: Mnih & Rezende (2016), "Variational Inference for Monte Carlo Objectives".
     """
     return renyi(key, log_joint, family, params, data, alpha=0.0, num_samples=num_samples,
-                 estimator="vimco", local=local)
+                 estimator="vimco", local=local, validate=validate)
 
 
 def rws(key, log_joint, family, params, data=None, *, num_samples, wake="both",
-        local=False) -> Array:
+        local=False, validate=True) -> Array:
     """Reweighted wake-sleep: value the IWAE bound; gradient Σ_k w̃_k ∇ log p(x, z_k) for model
     parameters in `log_joint` (wake-θ) and Σ_k w̃_k ∇φ log q_φ(z_k) for `params` (wake-φ), with
     z_k ~ q and the self-normalised weights w̃ held fixed. ``wake`` selects "theta", "phi" or
@@ -299,7 +311,7 @@ def rws(key, log_joint, family, params, data=None, *, num_samples, wake="both",
     def group(k, p, x):
         return _rws_group(k, log_joint, family, p, x, num_samples, wake)
 
-    return _combine(group, key, params, data, local)
+    return _combine(group, key, params, data, local, validate)
 
 
 def local_joint_order_bound(key, log_joint, family, params, data, *, num_samples,
