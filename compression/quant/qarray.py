@@ -215,6 +215,13 @@ def quantize(
     Returns:
       A `QuantizedArray`; `dequantize` gives back an array of ``w``'s shape and dtype.
 
+    Raises:
+      ValueError: at once (also while tracing under ``jit``) for bad ``bits``/``axis``/
+        ``group_size``, integer or empty weights; for NaN/Inf weights eagerly on concrete
+        ``w`` and, under ``jit``, when the compiled code runs (a JaxRuntimeError carrying the
+        message, `feynkit.core.validation.fail_if`). `quantize_with_params` also checks that
+        ``scale`` is finite and > 0 and ``zero`` finite, in the same two ways.
+
     References:
       Jacob et al. (2018); Dettmers et al. (2022), "LLM.int8()" (per-channel/group scales).
     """
