@@ -24,7 +24,14 @@ from feynkit.compression.quant.quant_recipe import LeafStats, _as_calibration, _
 from feynkit.compression.quant.tree import ALL_KERNELS, match_paths, path_str
 from feynkit.core.types import Array, PyTree
 
-__all__ = ["FisherCalibration", "GradientStats", "PruneRecipe", "PruneResult", "prune_tree"]
+__all__ = [
+    "FisherCalibration",
+    "GradientStats",
+    "PruneRecipe",
+    "PruneResult",
+    "prune_layerwise",
+    "prune_tree",
+]
 
 
 class FisherCalibration(NamedTuple):
@@ -196,3 +203,54 @@ def prune_tree(
     if where is not None:
         recipe = recipe.with_where(where)
     return recipe(params, calibration)
+
+
+def prune_layerwise(
+    recipe: PruneRecipe,
+    apply_fn: Callable,
+    params: PyTree,
+    inputs,
+    layers: Sequence[str],
+    *,
+    batch_size: int | None = 8,
+) -> PruneResult:
+    """Prune one layer at a time, calibrating each on the model with the earlier layers pruned.
+
+    For each regex in ``layers`` (e.g. ``r"layers_0/.*"``, in forward order) the recipe's
+    selected kernels inside it are calibrated with `calibrate` on ``apply_fn(params_so_far,
+    *inputs)`` and pruned, so a layer sees the inputs the pruned layers before it produce (the
+    sequential scheme of the SparseGPT and Wanda reference code). Selection and errors as in
+    `prune_tree`.
+
+    Returns:
+      `PruneResult` of the whole tree (masks of every pruned leaf).
+    """
+    import re
+
+    from feynkit.compression.quant.calibration import calibrate
+
+    if "gradients" in recipe.stats:
+        raise ValueError(f"recipe {recipe.name!r} reads gradients; use prune_tree.")
+    selected = match_paths(params, recipe.where)
+    masks = None
+    done: set[str] = set()
+    for layer in [layers] if isinstance(layers, str) else list(layers):
+        paths = [p for p in selected if re.fullmatch(layer, p) and p not in done]
+        if not paths:
+            raise ValueError(
+                f"layer pattern {layer!r} matches none of the recipe's kernels {selected[:8]}."
+            )
+        where = [re.escape(p) for p in paths]
+        calib = None
+        if recipe.needs_calibration:
+            calib = calibrate(apply_fn, params, inputs, where=where, batch_size=batch_size)
+        params, new = recipe.with_where(where)(params, calib)
+        masks = (
+            new
+            if masks is None
+            else jax.tree_util.tree_map(
+                lambda a, b: b if a is None else a, masks, new, is_leaf=lambda x: x is None
+            )
+        )
+        done.update(paths)
+    return PruneResult(params, masks)
