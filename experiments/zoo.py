@@ -44,7 +44,7 @@ from feynkit.experiments.data import (
     split_files,
     stdlib_source_files,
 )
-from feynkit.models import VAE, ImageClassifier, ScoreMLP, TransformerLM, UNet
+from feynkit.models import VAE, ImageClassifier, ScoreMLP, TransformerLM, UNet, decoder_log_prob
 
 __all__ = [
     "DIGITS_NUM_CLASSES",
@@ -688,6 +688,7 @@ class VAEModelConfig:
     learning_rate: float = 1e-3
     warmup_steps: int = 100
     checkpoint_every: int = 500
+    beta: float = 1.0  # weight of the KL term (a β-VAE when != 1; part of the cache key then)
 
 
 VAE_SMOKE = dict(hidden=[64], steps=300, checkpoint_every=300)
@@ -708,14 +709,16 @@ def _vae_defining_config(ex: VAEModelConfig, seed: int) -> dict:
             k: getattr(ex, k)
             for k in "latent_dim hidden steps batch_size learning_rate warmup_steps".split()
         },
+        **({"beta": ex.beta} if ex.beta != 1.0 else {}),
     }
 
 
 def _train_vae(ex: VAEModelConfig, model: VAE, x_train, key, checkpoint_dir):
     params = model.init_params(jax.random.fold_in(key, 0))
     t0 = time.perf_counter()
+    loss = tr.negative_elbo_loss(model) if ex.beta == 1.0 else _beta_vae_loss(model, ex.beta)
     state, history = tr.train(
-        tr.negative_elbo_loss(model),
+        loss,
         tr.make_optimizer(ex.learning_rate, ex.steps, ex.warmup_steps),
         params,
         tr.array_batch_fn(ex.batch_size),
@@ -729,6 +732,18 @@ def _train_vae(ex: VAEModelConfig, model: VAE, x_train, key, checkpoint_dir):
         desc="vae",
     )
     return state.params, {"train_seconds": time.perf_counter() - t0, "history": history}
+
+
+def _beta_vae_loss(model: VAE, beta: float):
+    """Mean −(log p(x | z) − β KL(q(z | x) ‖ N(0, I))) over the batch (Higgins et al. 2017)."""
+
+    def loss_fn(params, batch, key):
+        out = model.forward(params, key, batch)
+        rec = decoder_log_prob(batch, out, model.likelihood, len(model.data_shape))
+        kl = 0.5 * jnp.sum(jnp.exp(out.logvar) + out.mean**2 - 1.0 - out.logvar, axis=-1)
+        return -jnp.mean(rec - beta * kl)
+
+    return loss_fn
 
 
 def trained_vae(
