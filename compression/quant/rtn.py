@@ -23,7 +23,7 @@ import numpy as np
 from feynkit.core.types import Array, ArrayLike, Float, Int
 from feynkit.core.validation import fail_if
 
-__all__ = ["compute_qparams", "dequantize_codes", "qrange", "quantize_codes"]
+__all__ = ["check_float_weights", "compute_qparams", "dequantize_codes", "qrange", "quantize_codes"]
 
 MIN_BITS, MAX_BITS = 2, 8
 
@@ -45,6 +45,17 @@ def _all_finite(x: Array) -> Array:
 _STATIC = ("bits", "axis", "gs", "symmetric", "per_tensor")
 
 
+def check_float_weights(w: Array, name: str = "w") -> None:
+    """Weights must be a non-empty floating-point array (integers would be truncated)."""
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(
+            f"weights {name} have dtype {w.dtype}; quantization needs floating-point weights "
+            f"(cast with {name}.astype(jnp.float32): integer inputs would be truncated)."
+        )
+    if w.size == 0:
+        raise ValueError(f"weights {name} are empty (shape {w.shape}); pass a non-empty array.")
+
+
 def _check(w: Array, bits: int, axis: int, group_size: int | None, per_tensor: bool):
     """Validate and return (non-negative axis, group length).
 
@@ -57,13 +68,7 @@ def _check(w: Array, bits: int, axis: int, group_size: int | None, per_tensor: b
         raise ValueError(f"bits={bits!r}: allowed are integers {MIN_BITS}..{MAX_BITS}.")
     if w.ndim == 0:
         raise ValueError("quantization needs an array with at least one axis, got a scalar.")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(
-            f"weights w have dtype {w.dtype}; quantization needs floating-point weights "
-            "(cast with w.astype(jnp.float32): integer inputs would be truncated)."
-        )
-    if w.size == 0:
-        raise ValueError(f"weights w are empty (shape {w.shape}); pass a non-empty array.")
+    check_float_weights(w)
     if not -w.ndim <= axis < w.ndim:
         raise ValueError(
             f"axis={axis} out of range for an array of rank {w.ndim} (shape {w.shape})."

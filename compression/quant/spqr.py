@@ -42,6 +42,7 @@ from flax import struct
 
 from feynkit.compression.hessian import HESSIAN_ERROR, inverse_hessian_cholesky, obs_sweep
 from feynkit.compression.protocol import CompressedTensor
+from feynkit.compression.quant.rtn import check_float_weights
 from feynkit.core.types import Array, ArrayLike, Float
 from feynkit.core.validation import check_finite, fail_if
 
@@ -237,13 +238,7 @@ def spqr_quantize(
     H = jnp.asarray(H, jnp.float32)
     if w.ndim != 2:
         raise ValueError(f"w must be a (d_in, d_out) kernel, got shape {w.shape}.")
-    if not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(
-            f"w has dtype {w.dtype}; SpQR needs floating-point weights (cast with "
-            "w.astype(jnp.float32): integer inputs would be truncated)."
-        )
-    if w.size == 0:
-        raise ValueError(f"w is empty (shape {w.shape}); pass a non-empty kernel.")
+    check_float_weights(w)
     d_in, d_out = w.shape
     if H.shape != (d_in, d_in):
         raise ValueError(f"H must be ({d_in}, {d_in}) for a kernel {w.shape}, got {H.shape}.")
