@@ -1,23 +1,29 @@
-"""Replication: CFG++ vs CFG with DDIM on the learned class-conditional 2-D toy model.
+"""Replication: CFG++ vs CFG with DDIM — adherence/diversity trade-off curves on an exact target.
 
-Chung et al. (2025) claim that CFG's extrapolated denoised estimate x̂₀^ω = x̂₀_u + ω(x̂₀_c − x̂₀_u)
-leaves the data manifold, and that CFG++ (interpolate x̂₀ with λ ∈ [0, 1], re-noise with the
-unconditional ε̂_u) stays on it; at equal guidance strength this gives better samples and a DDIM
-inversion that reconstructs better.
+Chung et al. (2025) claim that CFG's extrapolated x̂₀^ω = x̂₀_u + ω(x̂₀_c − x̂₀_u) leaves the data
+manifold, and that CFG++ (interpolate x̂₀ with λ ∈ [0, 1], re-noise with the unconditional ε̂_u)
+stays on it: over the paper's ranges (λ ∈ [0, 1] against ω ∈ [1, 12.5]) CFG++ gives a better
+trade-off of condition adherence against sample quality/diversity, and a DDIM inversion that
+reconstructs better.
 
-Setup: the `train_toy` ScoreMLP (8 Gaussians N(c_k, 0.5² I) on a circle of radius 4, null label
-8), 50-step DDIM (η = 0) on a uniform grid, labels uniform over the 8 classes. Ground truth for
-label k is N(c_k, 0.5² I). Equal strength: one DDIM step of CFG++ with λ *is* one DDIM step of
-CFG with ω_t = λ σ̃_t/(σ̃_t − σ̃_s) (`cfg_pp_equivalent_scale`); CFG is run at the constant
-ω̄(λ) = mean of ω_t over the grid. The paper's nominal pairing (λ ∈ [0, 1] ~ ω ∈ [1, 12.5], i.e.
-ω = 1 + 11.5 λ) is reported as well. For each λ:
+Under DDIM one CFG++ step with λ *is* a CFG step with the time-varying ω_t = λσ̃_t/(σ̃_t − σ̃_s),
+so pairing λ with any single ω only tests a schedule. Instead both methods are swept over their
+whole ranges and compared as curves, at matched adherence:
 
-- off-manifold error of the denoised estimates along the trajectory: mean over steps and
-  samples of the distance of the guided x̂₀ to the nearest mode centre;
-- samples: energy distance to the conditional ground truth, outward (radial) shift, distance
-  to the nearest mode;
-- DDIM inversion of ground-truth points x₀ → x_T with the guided predictor, regeneration with
-  the same guidance, RMSE ‖x̂₀ − x₀‖.
+- target: the exact 2-D Gaussian mixture of `fkc_gmm`'s CFG case (p(x) = 4 components, the
+  class c = components 0 and 1, p(c) = 1/2), exact ε for both branches (no learned model), so
+  adherence is the exact posterior p(c | x) and the guided family p(x|c)^w p(x)^(1−w) is sampled
+  exactly (rejection sampling) as a reference curve;
+- per run (DDIM, η = 0, `num_steps`, same noise): adherence = mean p(c | x₀); recall and
+  precision (k-NN manifolds, Kynkäänniemi et al. 2019) against exact draws of p(x | c);
+  x̂₀ off-manifold error along the trajectory (mean −log p_data of the guided x̂₀, data density
+  at t_min);
+- at matched adherence: each CFG++ λ is paired with the ω whose adherence is equal
+  (interpolated on the ω sweep, then run), and DDIM inversion x₀ → x_T → x̂₀ of exact p(x|c)
+  draws is compared by RMSE.
+
+Claims (the paper's, on this target): at matched adherence CFG++'s recall ≥ CFG's (mean over
+the matched λ) and its inversion RMSE lower than CFG's.
 """
 
 from __future__ import annotations
@@ -32,63 +38,80 @@ from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule
 from feynkit.experiments import harness
-from feynkit.experiments import train as tr
-from feynkit.experiments.data import circle_centers
-from feynkit.experiments.metrics import energy_distance
-from feynkit.experiments.zoo import trained_toy_model
-from feynkit.inference.diffusion.guidance import (
-    cfg,
-    cfg_pp,
-    cfg_pp_equivalent_scale,
-    guided_ddim_inversion,
-)
+from feynkit.inference.diffusion.guidance import cfg, cfg_pp, guided_ddim_inversion
 from feynkit.inference.diffusion.prediction import as_denoiser
 from feynkit.inference.diffusion.sampler import sample, time_grid
 from feynkit.inference.diffusion.solvers import ddim
+from feynkit.models import GaussianMixture, sample_guided
 
-NUM_MODES, RADIUS, SCALE = 8, 4.0, 0.5
+UNCOND = GaussianMixture.create(
+    [0.25] * 4, [[-2.0, 0.0], [0.0, 1.0], [2.0, 0.0], [0.0, -2.0]], scales=0.8
+)
+COND = UNCOND.select([0, 1])
+COND_MASS = 0.5
 
 
 @dataclasses.dataclass
 class GuidanceCFGppConfig(harness.ReplicationConfig):
     """Schema of `configs/experiment/guidance_cfgpp.yaml` (the values live there)."""
 
-    lambdas: list[float] = MISSING
+    lambdas: list[float] = MISSING  # CFG++ sweep, in [0, 1]
+    omegas: list[float] = MISSING  # CFG sweep (the paper's [1, 12.5])
     num_samples: int = MISSING
     num_steps: int = MISSING
     t_min: float = MISSING
-    nominal_slope: float = MISSING  # the paper's pairing ω = 1 + slope · λ (λ=1 ~ ω=12.5)
-    offmanifold_ratio: float = MISSING  # claim: CFG++ x̂₀ off-manifold error < ratio · CFG's
+    recall_k: int = MISSING  # k of the k-NN manifolds of precision/recall
 
     def __post_init__(self):
         harness.require(
-            bool(self.lambdas) and all(0.0 < v <= 1.0 for v in self.lambdas),
+            bool(self.lambdas) and all(0.0 <= v <= 1.0 for v in self.lambdas),
             "lambdas",
-            f"must be non-empty and in (0, 1], got {list(self.lambdas)}.",
+            f"must be non-empty and in [0, 1], got {list(self.lambdas)}.",
         )
         harness.require(
-            self.nominal_slope > 0, "nominal_slope", f"must be > 0, got {self.nominal_slope}."
+            len(self.omegas) >= 2 and all(v >= 1.0 for v in self.omegas),
+            "omegas",
+            f"needs >= 2 weights >= 1, got {list(self.omegas)}.",
         )
         harness.require(self.num_steps >= 2, "num_steps", f"must be ≥ 2, got {self.num_steps}.")
+        harness.require(self.recall_k >= 1, "recall_k", f"must be ≥ 1, got {self.recall_k}.")
 
 
-def toy_metrics(x, labels, gt) -> dict[str, float]:
-    """Energy distance to ground truth, radial shift along c_y/|c_y|, distance to nearest mode."""
-    centers = circle_centers(NUM_MODES, RADIUS)
-    c = centers[labels]
-    radial = jnp.sum((x - c) * c, -1) / RADIUS
-    dist = jnp.min(jnp.linalg.norm(x[:, None, :] - centers[None], axis=-1), axis=1)
-    return {
-        "energy_distance": float(energy_distance(x, gt)),
-        "radial_shift": float(jnp.mean(radial)),
-        "mode_distance": float(jnp.mean(dist)),
-    }
+def posterior(x, schedule, t) -> jax.Array:
+    """Exact p(c | x) at time t."""
+    c, u = COND.marginal(schedule, t), UNCOND.marginal(schedule, t)
+    return jnp.exp(jnp.log(COND_MASS) + c.log_prob(x) - u.log_prob(x))
 
 
-def _runner(model_fn, schedule, ts, labels, null):
+def _knn_radius(x, k):
+    d = jnp.linalg.norm(x[:, None] - x[None], axis=-1)
+    return jnp.sort(d, axis=1)[:, k]  # column 0 is the point itself
+
+
+def precision_recall(fake, real, k: int) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) with k-NN balls."""
+    r_real, r_fake = _knn_radius(real, k), _knn_radius(fake, k)
+    d = jnp.linalg.norm(fake[:, None] - real[None], axis=-1)  # (n_fake, n_real)
+    precision = jnp.mean(jnp.any(d <= r_real[None], axis=1))
+    recall = jnp.mean(jnp.any(d <= r_fake[:, None], axis=0))
+    return float(precision), float(recall)
+
+
+def _model(schedule):
+    def model_fn(x, t, label):
+        g_c = COND.marginal(schedule, t[0])
+        g_u = UNCOND.marginal(schedule, t[0])
+        s = jnp.where(label[:, None] == 1, g_c.score(x), g_u.score(x))
+        return -schedule.sigma(t[0]) * s
+
+    return model_fn
+
+
+def _runner(schedule, ts, n):
+    model_fn = _model(schedule)
     denoise = as_denoiser(model_fn, schedule)
-    centers = circle_centers(NUM_MODES, RADIUS)
-    kw = dict(cond={"label": labels}, uncond={"label": null})
+    kw = dict(cond={"label": jnp.ones(n, jnp.int32)}, uncond={"label": jnp.zeros(n, jnp.int32)})
+    data = UNCOND.marginal(schedule, ts[-1])
 
     @functools.partial(jax.jit, static_argnames="plus_plus")
     def run(key, scale, x0_data, plus_plus):
@@ -99,10 +122,10 @@ def _runner(model_fn, schedule, ts, labels, null):
             key, solver, model_fn, x_init, ts, guidance=guidance, **kw, return_trajectory=True
         )
 
-        def offmanifold(xt, t):  # the guided x̂₀ this method forms at (x_t, t)
-            pc, pu = denoise(xt, t, label=labels), denoise(xt, t, label=null)
+        def offmanifold(xt, t):  # −log p_data of the guided x̂₀ this method forms
+            pc, pu = denoise(xt, t, **kw["cond"]), denoise(xt, t, **kw["uncond"])
             x0 = pu.x0 + scale * (pc.x0 - pu.x0)
-            return jnp.mean(jnp.min(jnp.linalg.norm(x0[:, None] - centers[None], axis=-1), 1))
+            return -jnp.mean(data.log_prob(x0))
 
         off = jnp.mean(jax.vmap(offmanifold)(info.trajectory[:-1], ts[:-1]))
         x_T, _ = guided_ddim_inversion(model_fn, x0_data, ts, schedule, guidance=guidance, **kw)
@@ -113,83 +136,99 @@ def _runner(model_fn, schedule, ts, labels, null):
     return run
 
 
+def _matched(adherence: float, adh: np.ndarray, omegas: np.ndarray) -> float | None:
+    """The ω whose adherence equals `adherence` (linear interpolation on the ω sweep, which
+    is increasing in ω), or None outside the sweep's range."""
+    order = np.argsort(adh)
+    a, w = adh[order], omegas[order]
+    if not a[0] <= adherence <= a[-1]:
+        return None
+    return float(np.interp(adherence, a, w))
+
+
 @harness.replication("guidance_cfgpp", GuidanceCFGppConfig)
 def run(ex: GuidanceCFGppConfig, ctx: harness.Context) -> None:
-    tr.quiet_checkpoint_logging()
     key = ctx.key
     schedule = LinearSchedule()
-    model, cached = trained_toy_model(seed=ctx.seed, smoke=ctx.smoke)
-    ctx.metric("cache_hit", float(cached.hit))
-    params = cached.params
-
-    def model_fn(x, t, label):
-        return model.forward(params, x, t, label)
-
     n = ex.num_samples
-    k_lab, k_gt, k_data, k_run = jax.random.split(key, 4)
-    labels = jax.random.randint(k_lab, (n,), 0, NUM_MODES)
-    null = jnp.full((n,), NUM_MODES)
-    centers = circle_centers(NUM_MODES, RADIUS)
-    gt = centers[labels] + SCALE * jax.random.normal(k_gt, (n, 2))
-    data = centers[labels] + SCALE * jax.random.normal(k_data, (n, 2))  # points to invert
+    k_real, k_data, k_run, k_tilt = jax.random.split(key, 4)
     ts = time_grid(ex.num_steps, 1.0, ex.t_min, "uniform", schedule)
-    runner = _runner(model_fn, schedule, ts, labels, null)
-    omega_per_lambda = float(jnp.mean(cfg_pp_equivalent_scale(schedule, ts[:-1], ts[1:], 1.0)))
-    ctx.metric("equivalent_omega_per_lambda", omega_per_lambda)
+    c_m, u_m = COND.marginal(schedule, ex.t_min), UNCOND.marginal(schedule, ex.t_min)
+    real = c_m.sample(k_real, n)  # exact p(x | c): the recall reference
+    data = c_m.sample(k_data, n)  # exact p(x | c): the points to invert
+    runner = _runner(schedule, ts, n)
 
-    x, off, rmse = runner(k_run, 1.0, data, False)
-    for k, v in toy_metrics(x, labels, gt).items():
-        ctx.metric(f"conditional.{k}", v)
-    ctx.metric("conditional.inversion_rmse", rmse)
-    rows, shown = [], {}
-    for lam in ex.lambdas:
-        omega = lam * omega_per_lambda
-        runs = {
-            "cfgpp": (lam, True),
-            "cfg": (omega, False),
-            "cfg_nominal": (1.0 + ex.nominal_slope * lam, False),
+    def metrics(x):
+        prec, rec = precision_recall(x, real, ex.recall_k)
+        return {
+            "adherence": float(jnp.mean(posterior(x, schedule, ex.t_min))),
+            "precision": prec,
+            "recall": rec,
         }
-        row = {}
-        for method, (scale, pp) in runs.items():
-            x, off, rmse = runner(k_run, jnp.float32(scale), data, pp)
-            m = toy_metrics(x, labels, gt)
-            m.update(x0_offmanifold=float(off), inversion_rmse=float(rmse), scale=float(scale))
-            for k, v in m.items():
-                ctx.metric(f"lambda{lam:g}.{method}.{k}", v)
-            row[method] = m
-            if lam == ex.lambdas[len(ex.lambdas) // 2]:
-                shown[f"{method} (scale {scale:.2f})"] = np.asarray(x)
-        rows.append(row)
 
-    ratio = max(r["cfgpp"]["x0_offmanifold"] / r["cfg"]["x0_offmanifold"] for r in rows)
-    ctx.claim(
-        f"x̂₀ off-manifold error: CFG++ < {ex.offmanifold_ratio:g} · CFG (worst λ)",
-        ratio,
-        ex.offmanifold_ratio,
-    )
-    for key_, what in (
-        ("energy_distance", "energy distance to p(x|c)"),
-        ("inversion_rmse", "inversion→regeneration RMSE"),
-    ):
-        pp = float(np.mean([r["cfgpp"][key_] for r in rows]))
-        base = float(np.mean([r["cfg"][key_] for r in rows]))
-        ctx.claim(f"{what}: CFG++ < CFG at equal strength (mean over λ)", pp, base)
-    with ctx.figure("guidance_cfgpp.png", 1, 2 + len(shown)) as (fig, axes):
-        _draw(axes[0], rows, ex, shown, np.asarray(labels))
+    curves = {"cfgpp": [], "cfg": [], "exact_tilted": []}
+    for lam in ex.lambdas:
+        x, off, rmse = runner(k_run, jnp.float32(lam), data, True)
+        m = metrics(x) | {"x0_offmanifold": float(off), "inversion_rmse": float(rmse)}
+        ctx.metrics(m, f"cfgpp.lambda{lam:g}.")
+        curves["cfgpp"].append(m)
+    for w in ex.omegas:
+        x, off, rmse = runner(k_run, jnp.float32(w), data, False)
+        m = metrics(x) | {"x0_offmanifold": float(off), "inversion_rmse": float(rmse)}
+        ctx.metrics(m, f"cfg.omega{w:g}.")
+        curves["cfg"].append(m)
+        exact = sample_guided(jax.random.fold_in(k_tilt, int(100 * w)), c_m, u_m, w, COND_MASS, n)
+        m = metrics(exact)
+        ctx.metrics(m, f"exact_tilted.w{w:g}.")
+        curves["exact_tilted"].append(m)
+    # the floor of recall/precision: exact p(x|c) draws of the same size
+    ctx.metrics(metrics(c_m.sample(jax.random.fold_in(k_real, 1), n)), "exact_conditional.")
+
+    adh_cfg = np.array([m["adherence"] for m in curves["cfg"]])
+    omegas = np.asarray(ex.omegas, float)
+    gaps, inv_pp, inv_cfg = [], [], []
+    for lam, m in zip(ex.lambdas, curves["cfgpp"], strict=True):
+        w = _matched(m["adherence"], adh_cfg, omegas)
+        if w is None:
+            ctx.metric(f"matched.lambda{lam:g}.outside_cfg_range", 1.0)
+            continue
+        x, off, rmse = runner(k_run, jnp.float32(w), data, False)
+        mc = metrics(x)
+        ctx.metric(f"matched.lambda{lam:g}.omega", w)
+        ctx.metric(f"matched.lambda{lam:g}.cfg_adherence", mc["adherence"])
+        ctx.metric(f"matched.lambda{lam:g}.cfg_recall", mc["recall"])
+        ctx.metric(f"matched.lambda{lam:g}.cfg_precision", mc["precision"])
+        ctx.metric(f"matched.lambda{lam:g}.cfg_inversion_rmse", float(rmse))
+        ctx.metric(f"matched.lambda{lam:g}.recall_gap", m["recall"] - mc["recall"])
+        gaps.append(m["recall"] - mc["recall"])
+        inv_pp.append(m["inversion_rmse"])
+        inv_cfg.append(float(rmse))
+    ctx.metric("matched.count", len(gaps))
+    if gaps:
+        ctx.metric("matched.mean_recall_gap", float(np.mean(gaps)))
+        ctx.metric("matched.cfgpp_inversion_rmse", float(np.mean(inv_pp)))
+        ctx.metric("matched.cfg_inversion_rmse", float(np.mean(inv_cfg)))
+        ctx.claim(
+            "recall at matched adherence: CFG++ ≥ CFG (mean gap over matched λ)",
+            float(np.mean(gaps)),
+            0.0,
+            ">=",
+        )
+        ctx.claim(
+            "DDIM inversion RMSE at matched adherence: CFG++ < CFG (mean over matched λ)",
+            float(np.mean(inv_pp)),
+            float(np.mean(inv_cfg)),
+        )
+    with ctx.figure("guidance_cfgpp.png", 1, 2) as (fig, axes):
+        _draw(axes[0], curves)
 
 
-def _draw(axes, rows, ex, shown, labels) -> None:
-    lam = ex.lambdas
-    panels = (("x0_offmanifold", "x̂₀ distance to manifold"), ("inversion_rmse", "inversion RMSE"))
-    for ax, (k, title) in zip(axes[:2], panels, strict=True):
-        for method in ("cfg", "cfgpp", "cfg_nominal"):
-            ax.plot(lam, [r[method][k] for r in rows], "o-", label=method)
-        ax.set_xlabel("λ (CFG at the equivalent ω)")
-        ax.set_title(title, fontsize=9)
+def _draw(axes, curves) -> None:
+    for name, rows in curves.items():
+        adh = [r["adherence"] for r in rows]
+        axes[0].plot(adh, [r["recall"] for r in rows], "o-", label=name)
+        axes[1].plot(adh, [r["precision"] for r in rows], "o-", label=name)
+    for ax, what in zip(axes, ("recall", "precision"), strict=True):
+        ax.set_xlabel("adherence E p(c | x)")
+        ax.set_ylabel(what)
         ax.legend(fontsize=7)
-    for ax, (name, x) in zip(axes[2:], shown.items(), strict=False):
-        ax.scatter(x[:, 0], x[:, 1], s=2, c=labels, cmap="tab10")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlim(-7, 7)
-        ax.set_ylim(-7, 7)
-        ax.set_aspect("equal")
