@@ -22,8 +22,9 @@ from feynkit.experiments.tasks.decode import (
     compare_decoders,
     load_byte_lm,
     text_prompts,
+    timed_generate,
 )
-from feynkit.inference.decoding import SamplingConfig
+from feynkit.inference.decoding import SamplingConfig, baseline_decoder
 
 
 @dataclasses.dataclass
@@ -84,11 +85,22 @@ def run(ex: MedusaConfig, ctx: harness.Context) -> None:
         ">",
     )
     sampling = SamplingConfig(ex.temperature)
+    base_sampled = timed_generate(
+        model, params, prompts, baseline_decoder(), ex.max_new_tokens, sampling=sampling
+    )
     for form in ("typical", "typical_sampling"):
         dec_t, _ = build_decoder(
             dict(spec, acceptance=form), model, params, corpus, lm_ex, smoke=False
         )
-        m = compare_decoders(model, params, prompts, dec_t, ex.max_new_tokens, sampling=sampling)
+        m = compare_decoders(
+            model,
+            params,
+            prompts,
+            dec_t,
+            ex.max_new_tokens,
+            sampling=sampling,
+            baseline=base_sampled,
+        )
         ctx.metric(f"{form}.tokens_per_forward", m["tokens_per_forward"])
         ctx.metric(f"{form}.speedup", m["speedup"])
         print(f"medusa {form} (T={ex.temperature:g}): {m}")

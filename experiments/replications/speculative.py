@@ -22,8 +22,9 @@ from feynkit.experiments.tasks.decode import (
     compare_decoders,
     load_byte_lm,
     text_prompts,
+    timed_generate,
 )
-from feynkit.inference.decoding import SamplingConfig
+from feynkit.inference.decoding import SamplingConfig, baseline_decoder
 
 
 @dataclasses.dataclass
@@ -51,6 +52,11 @@ def run(ex: SpeculativeConfig, ctx: harness.Context) -> None:
     model, params, corpus, lm_ex = load_byte_lm({"cache_dir": ex.cache_dir}, ex.lm_smoke)
     prompts = text_prompts(corpus, ex.num_prompts, ex.prompt_len)
     alphas, rows = [], {}
+    sampling = SamplingConfig(ex.temperature)
+    base_greedy = timed_generate(model, params, prompts, baseline_decoder(), ex.max_new_tokens)
+    base_sampled = timed_generate(
+        model, params, prompts, baseline_decoder(), ex.max_new_tokens, sampling=sampling
+    )
     for d in ex.draft_d_models:
         spec = dict(
             name="speculative",
@@ -61,14 +67,17 @@ def run(ex: SpeculativeConfig, ctx: harness.Context) -> None:
             draft_mlp_dim=int(ex.draft_mlp_ratio * d),
         )
         decoder, info = build_decoder(spec, model, params, corpus, lm_ex, smoke=False)
-        greedy = compare_decoders(model, params, prompts, decoder, ex.max_new_tokens)
+        greedy = compare_decoders(
+            model, params, prompts, decoder, ex.max_new_tokens, baseline=base_greedy
+        )
         sampled = compare_decoders(
             model,
             params,
             prompts,
             decoder,
             ex.max_new_tokens,
-            sampling=SamplingConfig(ex.temperature),
+            sampling=sampling,
+            baseline=base_sampled,
         )
         alpha = (sampled["tokens_per_forward"] - 1.0) / ex.num_draft
         alphas.append(alpha)
