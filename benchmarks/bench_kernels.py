@@ -118,6 +118,28 @@ def _time(fn, sets, repeats):
     return statistics.median(samples), min(samples)
 
 
+def _measure(method, impl, k, n, m, key, args, bw):
+    """One table row: time, bandwidth and (with --check) the error against the reference."""
+    per_set = 2 * k * n if method == "bf16" else k * n
+    r = int(np.clip(args.rotate_bytes // per_set, 1, args.max_sets))
+    if method == "df11":
+        r = min(r, 4)
+    sets, floor, fn = [], 0, None
+    for i in range(r):
+        fn, a, floor = _weights(method, k, n, m, jax.random.fold_in(key, i), impl)
+        sets.append(a)
+    row = dict(shape=f"{k}x{n}", tokens=m, method=method, impl=impl, sets=r, floor_bytes=int(floor))
+    if args.check and impl == "pallas":
+        ref_fn, _, _ = _weights(method, k, n, m, jax.random.fold_in(key, 0), "reference")
+        out = np.asarray(jax.jit(fn)(*sets[0]).astype(jnp.float32), np.float64)
+        ref = np.asarray(jax.jit(ref_fn)(*sets[0]).astype(jnp.float32), np.float64)
+        row["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+        row["finite"] = bool(np.isfinite(out).all())
+    t, t_min = _time(fn, sets, args.repeats)
+    row.update(time_us=t * 1e6, min_us=t_min * 1e6, gbps=floor / t / 1e9, copy_frac=floor / t / bw)
+    return row
+
+
 def copy_bandwidth(nbytes, repeats):
     a = jnp.zeros((nbytes,), jnp.uint8) + 1
     t, _ = _time(lambda a: a + 1, [(a,)], repeats)
@@ -159,52 +181,35 @@ def main():
     bw = copy_bandwidth(int(2e9 if gpu else 64e6), args.repeats)
     print(f"device-to-device copy: {bw / 1e9:.0f} GB/s (read + write)")
     rows, key = [], jax.random.key(args.seed)
+    df11_shapes = {_shape(s) for s in args.df11_shapes}
     for shape in args.shapes:
         k, n = _shape(shape)
+        shape = f"{k}x{n}"
         for m in args.tokens:
             t_base = None
             results = {}
             for method in args.methods:
-                if method == "df11" and shape not in args.df11_shapes:
+                if method == "df11" and (k, n) not in df11_shapes:
                     continue
                 for impl in impls if method != "bf16" else ["xla"]:
-                    per_set = 2 * k * n if method == "bf16" else k * n
-                    r = int(np.clip(args.rotate_bytes // per_set, 1, args.max_sets))
-                    if method == "df11":
-                        r = min(r, 4)
-                    sets, floor, fn = [], 0, None
-                    for i in range(r):
-                        fn, a, floor = _weights(method, k, n, m, jax.random.fold_in(key, i), impl)
-                        sets.append(a)
-                    row = dict(
-                        shape=shape,
-                        tokens=m,
-                        method=method,
-                        impl=impl,
-                        sets=r,
-                        floor_bytes=int(floor),
-                    )
-                    if args.check and impl == "pallas":
-                        ref_fn, _, _ = _weights(
-                            method, k, n, m, jax.random.fold_in(key, 0), "reference"
+                    try:  # one kernel failing to lower must not end a short GPU lease
+                        row = _measure(method, impl, k, n, m, key, args, bw)
+                    except Exception as e:  # noqa: BLE001 - reported in the table and the JSON
+                        row = dict(
+                            shape=shape,
+                            tokens=m,
+                            method=method,
+                            impl=impl,
+                            error=f"{type(e).__name__}: {e}"[:300],
                         )
-                        out = np.asarray(jax.jit(fn)(*sets[0]), np.float64)
-                        ref = np.asarray(jax.jit(ref_fn)(*sets[0]), np.float64)
-                        row["rel_err"] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
-                        row["finite"] = bool(np.isfinite(out).all())
-                    t, t_min = _time(fn, sets, args.repeats)
-                    row.update(
-                        time_us=t * 1e6,
-                        min_us=t_min * 1e6,
-                        gbps=floor / t / 1e9,
-                        copy_frac=floor / t / bw,
-                    )
-                    if method == "bf16":
-                        t_base = t
-                    results[(method, impl)] = t
+                        print(f"FAILED {shape} M={m} {method}/{impl}: {row['error']}", flush=True)
+                    if "time_us" in row:
+                        if method == "bf16":
+                            t_base = row["time_us"] / 1e6
+                        results[(method, impl)] = row["time_us"] / 1e6
                     rows.append(row)
             for row in rows:
-                if row["shape"] == shape and row["tokens"] == m:
+                if row["shape"] == shape and row["tokens"] == m and "time_us" in row:
                     t = row["time_us"] / 1e6
                     row["x_bf16"] = t_base / t if t_base else float("nan")
                     ref = results.get((row["method"], "reference"))
@@ -215,6 +220,12 @@ def main():
     )
     print(head)
     for r in rows:
+        if "error" in r:
+            print(
+                f"{r['shape']:>11} {r['tokens']:>3} {r['method']:>6} {r['impl']:>9} FAILED "
+                f"{r['error'][:80]}"
+            )
+            continue
         line = (
             f"{r['shape']:>11} {r['tokens']:>3} {r['method']:>6} {r['impl']:>9} "
             f"{r['time_us']:9.1f} {r['gbps']:7.1f} {100 * r['copy_frac']:5.1f}% "
