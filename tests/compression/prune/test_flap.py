@@ -115,6 +115,7 @@ def test_adaptive_budget_and_ratio_zero(lm, forward):
     )
 
 
+@pytest.mark.slow
 def test_grouped_query_attention_prunes_whole_groups():
     model = TransformerLM(256, 32, 1, 4, num_kv_heads=2, mlp_dim=24, max_len=8)
     params = model.init_params(jax.random.key(3))
