@@ -263,3 +263,38 @@ def test_kv_compress_hook_is_applied(lm):
     hooked = dec.generate(model, params, prompt, kv_compress=zero_values, **kw)
     assert float(hooked.kv_stats) == 2 * 7
     assert not np.array_equal(plain.tokens, hooked.tokens)
+
+
+def test_accept_typical_against_brute_force():
+    """Deterministic typical acceptance: the deepest path whose every token has p > min(ε,
+    δ·exp(−H)) under its parent's tempered distribution (ties: the most probable path)."""
+    tree = dec.tree_from_paths([(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (1, 0, 0)])
+    rng = np.random.default_rng(11)
+    cfg = dec.SamplingConfig(0.8)
+    eps, delta = 0.2, 0.5
+    for trial in range(10):
+        logits = rng.normal(size=(tree.size, 6)) * 2
+        tokens = rng.integers(0, 6, tree.size)
+        tokens[1:4] = np.argsort(-logits[0])[:3]  # siblings distinct, some likely
+        z = logits / 0.8
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        tau = np.minimum(eps, delta * np.exp(np.sum(p * np.log(p), 1)))
+        best, best_key = 0, (0, 1.0)
+        for i in range(1, tree.size):
+            chain = list(tree.ancestors[i][1 : tree.depths[i] + 1])
+            ok = all(p[tree.parents[j], tokens[j]] > tau[tree.parents[j]] for j in chain)
+            prob = np.prod([p[tree.parents[j], tokens[j]] for j in chain])
+            if ok and (tree.depths[i], prob) > best_key:
+                best, best_key = i, (tree.depths[i], prob)
+        node, _ = dec.accept_typical(
+            jax.random.key(trial),
+            tree,
+            jnp.asarray(logits, jnp.float32),
+            jnp.asarray(tokens),
+            cfg,
+            epsilon=eps,
+            delta=delta,
+            sample_threshold=False,
+        )
+        assert int(node) == best
