@@ -69,8 +69,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--smoke", action="store_true", help="train_lm's smoke model (quick check)")
     args = ap.parse_args()
     print(machine_line())
+    _LM.lm_smoke = args.smoke
     model, params, corpus, lm_ex = load_lm(_LM())
     calib = jnp.asarray(consecutive_windows(corpus.train, 64, 128))
     H = calibrate(model.forward, params, calib, where=LINEAR_KERNELS)
@@ -101,11 +103,13 @@ def main():
         print(f"| {name} | {pattern} | {cold:.3f} | {warm:.3f} | {ratio} |")
 
     path = "layers_0/mlp/down_proj/kernel"
-    w = np.asarray(traverse_util.flatten_dict(params, sep="/")[path], np.float64)
+    flat = traverse_util.flatten_dict(params, sep="/")
+    w = np.asarray(flat[path], np.float64)
     h = np.asarray(H.hessians[path], np.float64)
     print(f"\nOBS sweep vs naive per-column solve, {path} {w.shape}, float64, 50% unstructured:")
     t0 = time.perf_counter()
-    ref, ref_keep = sparsegpt_reference(w, h, 0.5, block=86)  # 86: the mask block for d_in 344
+    block = prune.mask_block(w.shape[0], 128)  # 86 for d_in = 344
+    ref, ref_keep = sparsegpt_reference(w, h, 0.5, block=block)
     naive_s = time.perf_counter() - t0
     with jax.enable_x64(True):
         fn = lambda: prune.sparsegpt_prune(jnp.asarray(w), jnp.asarray(h), 0.5)  # noqa: E731

@@ -43,7 +43,7 @@ class MFAC(NamedTuple):
       grads: (n_blocks, m, B) the gradients per block.
       coef: (n_blocks, m, m) lower-triangular B with a_k = Σ_i B_ki g_i.
       den: (n_blocks, m) the denominators m + g_kᵀ a_k.
-      damp: λ.
+      damp: λ (a float, or a traced scalar under ``jit``).
     """
 
     grads: Array
@@ -86,7 +86,7 @@ def mfac(grads: Float[ArrayLike, "m d"], damp: float = 1e-4, block_size: int | N
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
     if g.ndim != 2 or g.shape[0] < 1:
         raise ValueError(f"grads must be (m, d) with m ≥ 1 gradients, got shape {g.shape}.")
-    if not damp > 0:
+    if not isinstance(damp, jax.core.Tracer) and not damp > 0:
         raise ValueError(f"damp={damp!r} must be > 0 (the Fisher is singular for m < d).")
     m, d = g.shape
     B = d if block_size is None else int(block_size)
@@ -94,7 +94,7 @@ def mfac(grads: Float[ArrayLike, "m d"], damp: float = 1e-4, block_size: int | N
         raise ValueError(f"block_size={block_size!r} must divide the dimension d={d}.")
     blocks = jnp.moveaxis(g.reshape(m, d // B, B), 1, 0)  # (nb, m, B)
     coef, den = jax.vmap(_factor_block, in_axes=(0, None))(blocks, damp)
-    return MFAC(blocks, coef, den, float(damp))
+    return MFAC(blocks, coef, den, damp if isinstance(damp, jax.core.Tracer) else float(damp))
 
 
 def mfac_ifvp(f: MFAC, v: Float[ArrayLike, " d"]) -> Array:

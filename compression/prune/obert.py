@@ -26,6 +26,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -96,6 +97,23 @@ def obert_prune(
     if not damp > 0:
         raise ValueError(f"damp={damp!r} must be > 0.")
     _check_scores(grads, "gradients")
+    _check_scores(w, "weights")
+    return _obert(
+        w,
+        grads,
+        sparsity=None if n is not None else float(sparsity),
+        n=n,
+        m=m,
+        granularity=granularity,
+        damp=float(damp),
+        block_size=int(block_size),
+    )
+
+
+@functools.partial(
+    jax.jit, static_argnames=("sparsity", "n", "m", "granularity", "damp", "block_size")
+)
+def _obert(w, grads, *, sparsity, n, m, granularity, damp, block_size):
     rho, f = obert_saliency(w, grads, damp=damp, block_size=block_size)
     keep = pattern_mask(rho, sparsity, n, m, granularity=granularity)
     diag = mfac_diag(f)

@@ -71,6 +71,7 @@ class PrunePPLConfig(harness.ReplicationConfig):
     obert_batch: int = MISSING  # windows per mini-batch
     obert_block: int = MISSING
     obert_damp: float = MISSING
+    joint: bool = MISSING  # run the sparse-and-quantized row
     joint_bits: int = MISSING  # SparseGPT sparse + quantized
     quant_bits: int = MISSING  # GPTQ alone at about the same bytes
 
@@ -156,7 +157,15 @@ def run(ex: PrunePPLConfig, ctx: harness.Context) -> None:
             tree, masks = prune.prune_tree(params, recipe)
         record(name, tree, masks, time.perf_counter() - t0, *nm)
 
-    # sparse + quantized vs quantized alone, one calibration on the float model for both
+    if ex.joint:
+        _joint(ex, ctx, model, params, calib, record, nll, ppl)
+    _claims(ex, ctx, ppl)
+    with ctx.figure("prune_ppl.png", ncols=2, size=4.0) as (fig, axes):
+        _draw(ex, ctx.results.metrics, axes[0])
+
+
+def _joint(ex, ctx, model, params, calib, record, nll, ppl) -> None:
+    """Sparse + quantized vs quantized alone, one calibration on the float model for both."""
     H = calibrate(model.forward, params, calib, where=LINEAR_KERNELS)
     b, qb = ex.joint_bits, ex.quant_bits
     for tag, kw, nm in (
@@ -173,9 +182,6 @@ def run(ex: PrunePPLConfig, ctx: harness.Context) -> None:
     ctx.metric(f"gptq{qb}.storage_bits", tree_bits_per_weight(q))
     ctx.metric(f"gptq{qb}.seconds", time.perf_counter() - t0)
     print(f"{'gptq' + str(qb):>16}: ppl {ppl[f'gptq{qb}']:.4f}")
-    _claims(ex, ctx, ppl)
-    with ctx.figure("prune_ppl.png", ncols=2, size=4.0) as (fig, axes):
-        _draw(ex, ctx.results.metrics, axes[0])
 
 
 def _claims(ex, ctx, ppl) -> None:
@@ -197,6 +203,8 @@ def _claims(ex, ctx, ppl) -> None:
             ctx.claim(
                 f"oBERT < magnitude perplexity at {label}", ppl[f"obert.{t}"], ppl[f"magnitude.{t}"]
             )
+    if not ex.joint:
+        return
     b, qb, m = ex.joint_bits, ex.quant_bits, ctx.results.metrics
     t = tags[0]
     ctx.claim(
