@@ -154,11 +154,15 @@ def build_decoder(spec: dict, model, params, corpus, lm_ex, smoke: bool, seed: i
     raise ValueError(f"decoder.name must be baseline, speculative, medusa or aggressive: {name}.")
 
 
-def _timed(fn, *args):
+def _timed(fn, *args, repeats: int = 3):
+    """(output, median seconds of ``repeats`` calls after the compiling one)."""
     out = jax.block_until_ready(fn(*args))  # compile
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - t0
+    seconds = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        seconds.append(time.perf_counter() - t0)
+    return out, float(np.median(seconds))
 
 
 def timed_generate(
