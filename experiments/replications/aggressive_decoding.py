@@ -16,6 +16,7 @@ from omegaconf import MISSING
 
 from feynkit.experiments import harness
 from feynkit.experiments.tasks.decode import (
+    DecodeReplicationConfig,
     build_decoder,
     compare_decoders,
     copy_prompts,
@@ -24,16 +25,12 @@ from feynkit.experiments.tasks.decode import (
 
 
 @dataclasses.dataclass
-class AggressiveConfig(harness.ReplicationConfig):
+class AggressiveConfig(DecodeReplicationConfig):
     """Schema of `configs/experiment/aggressive_decoding.yaml` (the values live there)."""
 
-    cache_dir: str | None = MISSING
-    lm_smoke: bool = MISSING
-    num_prompts: int = MISSING
     snippet_len: int = MISSING
     copy_prefix: int = MISSING
     num_edits: int = MISSING
-    max_new_tokens: int = MISSING
     num_guess: int = MISSING
     match_len: int = MISSING
     min_forward_reduction: float = MISSING  # baseline forwards / aggressive forwards

@@ -18,6 +18,7 @@ from omegaconf import MISSING
 
 from feynkit.experiments import harness
 from feynkit.experiments.tasks.decode import (
+    DecodeReplicationConfig,
     build_decoder,
     compare_decoders,
     load_byte_lm,
@@ -28,14 +29,10 @@ from feynkit.inference.decoding import SamplingConfig, baseline_decoder
 
 
 @dataclasses.dataclass
-class MedusaConfig(harness.ReplicationConfig):
+class MedusaConfig(DecodeReplicationConfig):
     """Schema of `configs/experiment/medusa.yaml` (the values live there)."""
 
-    cache_dir: str | None = MISSING
-    lm_smoke: bool = MISSING
-    num_prompts: int = MISSING
     prompt_len: int = MISSING
-    max_new_tokens: int = MISSING
     num_heads: int = MISSING
     top_k: int = MISSING
     tree_size: int = MISSING

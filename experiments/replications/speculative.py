@@ -18,6 +18,7 @@ from omegaconf import MISSING
 
 from feynkit.experiments import harness
 from feynkit.experiments.tasks.decode import (
+    DecodeReplicationConfig,
     build_decoder,
     compare_decoders,
     load_byte_lm,
@@ -28,14 +29,10 @@ from feynkit.inference.decoding import SamplingConfig, baseline_decoder
 
 
 @dataclasses.dataclass
-class SpeculativeConfig(harness.ReplicationConfig):
+class SpeculativeConfig(DecodeReplicationConfig):
     """Schema of `configs/experiment/speculative.yaml` (the values live there)."""
 
-    cache_dir: str | None = MISSING
-    lm_smoke: bool = MISSING
-    num_prompts: int = MISSING
     prompt_len: int = MISSING
-    max_new_tokens: int = MISSING
     num_draft: int = MISSING  # γ
     draft_d_models: list[int] = MISSING  # one draft per width (1 layer, 2 heads)
     draft_mlp_ratio: float = MISSING

@@ -24,11 +24,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from feynkit.experiments import harness
 from feynkit.experiments.tasks.common import task_settings
 
 __all__ = [
+    "DecodeReplicationConfig",
     "DecodeTask",
     "build_decoder",
     "compare_decoders",
@@ -53,6 +55,16 @@ class DecodeTask:
     num_edits: int = 3  # aggressive: bytes changed in the guide
     min_identical: float = 1.0  # claim: fraction of sequences equal to the baseline's
     smoke_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DecodeReplicationConfig(harness.ReplicationConfig):
+    """Keys the decoding replications share (speculative, medusa, aggressive_decoding)."""
+
+    cache_dir: str | None = MISSING  # model cache of the trained LM
+    lm_smoke: bool = MISSING  # the zoo's smoke LM instead of the trained `train_lm` one
+    num_prompts: int = MISSING  # decoded in one batch
+    max_new_tokens: int = MISSING
 
 
 def load_byte_lm(model_fields: dict, smoke: bool, seed: int = 0):
