@@ -55,6 +55,7 @@ class PruneGradualConfig(harness.ReplicationConfig):
     learning_rate: float = MISSING
     warmup_steps: int = MISSING
     eval_tokens: int = MISSING
+    dense_reference: bool = MISSING  # also fine-tune the dense model for the same steps
 
     def __post_init__(self):
         for s in self.sparsities:
@@ -105,7 +106,8 @@ def run(ex: PruneGradualConfig, ctx: harness.Context) -> None:
             ctx.metric(f"{name}.exact_zeros", float(ok))
         print(f"{name:>20}: ppl {ppl[name]:.4f}", flush=True)
 
-    finetune("dense_finetuned", None)
+    if ex.dense_reference:
+        finetune("dense_finetuned", None)
     for s in ex.sparsities:
         tag = f"{round(100 * s)}"
         oneshot, _ = prune.prune_tree(
