@@ -252,6 +252,7 @@ def effective_config(cfg: DictConfig, overrides: list[str] | None = None) -> dic
         if isinstance(node, DictConfig) and node.get("smoke_overrides"):
             if group == "experiment" and cfg.task.name != "replication":
                 continue
+            node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))  # untyped
             out[group] = OmegaConf.to_container(with_smoke(node, group, overrides), resolve=True)
     return out
 

@@ -13,7 +13,9 @@ def task_settings(cfg: DictConfig, smoke: bool) -> DictConfig:
     without the overrides node itself."""
     from feynkit.experiments import harness
 
-    node = harness.with_smoke(cfg.task, "task") if smoke else cfg.task  # user values win
+    node = OmegaConf.create(OmegaConf.to_container(cfg.task, resolve=True))  # untyped
+    if smoke:
+        node = harness.with_smoke(node, "task")  # command-line task.<key> values win
     node = OmegaConf.to_container(node, resolve=True)
     node.pop("smoke_overrides", None)
     return OmegaConf.create(node)
