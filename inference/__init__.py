@@ -1,5 +1,5 @@
 """Inference-time methods: `smc` (Feynman–Kac/SMC), `diffusion`, `vi`, `decoding`."""
 
-from feynkit.inference import diffusion, smc
+from feynkit.inference import diffusion, smc, vi
 
-__all__ = ["diffusion", "smc"]
+__all__ = ["diffusion", "smc", "vi"]

@@ -195,22 +195,26 @@ def test_stl_gradient_vanishes_at_the_optimum(family):
 
 
 def test_dreg_variance_below_iwae_at_k64_and_same_model_gradient():
+    """Near the optimum (q: a mean-field Gaussian close to the correlated posterior) DReG's
+    variance is far below the IWAE reparameterised estimator's in every coordinate (measured
+    ~30x). Far from it, with degenerate importance weights, DReG is not lower in every
+    coordinate (with loc off by 0.5 in one dimension we measured one log-scale coordinate
+    2x higher)."""
     family = FAMILIES[0]
-    params = {"loc": jnp.array([0.7, -0.4]), "log_scale": jnp.array([-1.0, -1.2])}
+    m, c = posterior()
+    params = {"loc": jnp.asarray(m + 0.1, jnp.float32),
+              "log_scale": jnp.asarray(0.5 * np.log(np.diag(c)) - 0.2, jnp.float32)}
     kw = {"num_samples": 64}
     g_iwae = flat(grads(vi.iwae, family, params, 7, estimator="reparam", **kw))
     g_dreg = flat(grads(vi.iwae, family, params, 7, estimator="dreg", **kw))
     v_iwae, v_dreg = jnp.var(g_iwae, 0), jnp.var(g_dreg, 0)
-    assert bool(jnp.all(v_dreg < 0.5 * v_iwae)), (v_dreg, v_iwae)
+    assert bool(jnp.all(v_dreg < 0.2 * v_iwae)), (v_dreg, v_iwae)
     # both unbiased for the same gradient: means agree within 4.5 standard errors
     se = jnp.sqrt((v_iwae + v_dreg) / g_iwae.shape[0])
     assert float(jnp.max(jnp.abs(g_iwae.mean(0) - g_dreg.mean(0)) / se)) < 4.5
 
     # model parameters closed over by log_joint get the ordinary IWAE gradient from DReG
     def model_grad(est, theta):
-        def lj(z, x):
-            return LJ(z - theta, x - theta[None])
-
         return jax.grad(
             lambda t: vi.iwae(jax.random.key(8), lambda z, x: LJ(z - t, x - t[None]), family,
                               params, jnp.asarray(X), estimator=est, **kw)
@@ -220,6 +224,7 @@ def test_dreg_variance_below_iwae_at_k64_and_same_model_gradient():
     np.testing.assert_allclose(model_grad("dreg", theta), model_grad("reparam", theta), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_renyi_orders_between_elbo_and_iwae_and_dreg_unbiased():
     family = FAMILIES[0]
     params = some_params(family)
@@ -240,6 +245,7 @@ def test_renyi_orders_between_elbo_and_iwae_and_dreg_unbiased():
     assert float(jnp.max(jnp.abs(g_r.mean(0) - g_d.mean(0)) / se)) < 4.5
 
 
+@pytest.mark.slow
 def test_rws_wake_theta_gradient_tends_to_grad_log_evidence():
     """Wake-θ: Σ w̃_k ∇θ log p_θ(x, z_k) → ∇θ log p_θ(x) as K grows (θ: a shift of the prior
     mean, whose evidence gradient is closed form)."""
@@ -288,11 +294,12 @@ def test_local_latents_sum_outside_the_log_mean_exp():
     )
     wrong = jax.vmap(lambda kk: vi.local_joint_order_bound(kk, lj, family, params, x, num_samples=k))
     r, w = float(jnp.mean(right(keys))), float(jnp.mean(wrong(keys)))
-    e = float(jnp.mean(jax.vmap(
-        lambda kk: vi.elbo(kk, lj, family, params, x, local=True, validate=False))(keys)))
+    e = jax.vmap(lambda kk: vi.elbo(kk, lj, family, params, x, local=True, validate=False))(keys)
     assert w < r < log_z, (w, r, log_z)
     assert log_z - r < 0.5 * (log_z - w)
-    assert abs(e - float(jnp.sum(-0.5 * (x**2 + 1) - math.log(2 * math.pi) - 0.5))) < 0.5
+    # closed-form ELBO of q = N(0, 1) per point: Σ_i −(x_i² + 1)/2 − log(2π)/2; 4 standard errors
+    exact = float(jnp.sum(-0.5 * (x**2 + 1) - 0.5 * math.log(2 * math.pi)))
+    assert abs(float(jnp.mean(e)) - exact) < 4 * float(jnp.std(e)) / math.sqrt(len(keys))
     # each point's bound only involves its own samples: the per-point values add up
     one = vi.iwae(jax.random.key(3), lj, family, params, x, num_samples=k, local=True)
     assert jnp.isfinite(one)
