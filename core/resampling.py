@@ -477,7 +477,7 @@ def adaptive_resample(
     resample_fn: Callable[..., Array] = systematic_resample,
     ess_threshold: float = 0.5,
 ) -> tuple[PyTree, Array, Array, Array]:
-    """Resample when ESS < `ess_threshold` · n, inside `jit` (a `lax.cond`, no host round-trip).
+    """Resample when ESS < `ess_threshold` · n, inside `jit` (branch-free, no host round-trip).
 
     Args:
       key: PRNG key.
@@ -501,13 +501,11 @@ def adaptive_resample(
     posinf = jnp.any(log_weights == jnp.inf)
     do_resample = log_weights_ok(log_weights) & (posinf | (ess(log_weights) < ess_threshold * n))
 
-    def _resample(_):
-        ancestors = resample_fn(key, log_weights, n)
-        mean = jax.scipy.special.logsumexp(log_weights) - jnp.log(n)
-        return resample_particles(particles, ancestors), jnp.full_like(log_weights, mean), ancestors
-
-    def _keep(_):
-        return particles, log_weights, jnp.arange(n, dtype=jnp.int32)
-
-    particles, log_weights, ancestors = lax.cond(do_resample, _resample, _keep, None)
-    return particles, log_weights, ancestors, do_resample
+    # Branch-free: the resampler always runs (O(n)) and a select picks its ancestors or the
+    # identity. A `lax.cond` here, inside the SMC loop's scan, was seen to deadlock XLA:CPU's
+    # thread pool in fresh processes (issue 16; tests/inference/smc/test_hang.py).
+    identity = jnp.arange(n, dtype=jnp.int32)
+    ancestors = jnp.where(do_resample, resample_fn(key, log_weights, n), identity)
+    mean = jax.scipy.special.logsumexp(log_weights) - jnp.log(n)
+    new_log_weights = jnp.where(do_resample, jnp.full_like(log_weights, mean), log_weights)
+    return resample_particles(particles, ancestors), new_log_weights, ancestors, do_resample

@@ -32,6 +32,7 @@ from feynkit.core import (
     checkpointed_loop,
     ess,
     log_mean_exp,
+    log_weights_ok,
     normalize_log_weights,
     systematic_resample,
 )
@@ -56,13 +57,17 @@ class SMCState(NamedTuple):
 
 class SMCInfo(NamedTuple):
     """Diagnostics of one step: ESS after reweighting (before resampling), the increment of
-    log Ẑ, whether it resampled, and the ancestor indices (identity when it did not; None when
-    the kernel was built with ``keep_ancestry=False``)."""
+    log Ẑ, whether it resampled, the ancestor indices (identity when it did not; None when
+    the kernel was built with ``keep_ancestry=False``), and ``weights_ok``: False when the
+    weights broke down this step (a NaN, or every particle at zero weight) — the step then
+    does not resample and the weights stay invalid; `run_checkpointed` raises on it, and a
+    caller of `run` should check ``info.weights_ok.all()``."""
 
     ess: Array
     log_normalizer_increment: Array
     resampled: Array
     ancestors: Array | None = None
+    weights_ok: Array | None = None
 
 
 def _num_particles(particles: PyTree) -> int:
@@ -161,7 +166,13 @@ def build_kernel(
         new_state = SMCState(
             particles, log_weights, state.log_normalizer + increment, state.step + 1, shared
         )
-        info = SMCInfo(step_ess, increment, resampled, ancestors if keep_ancestry else None)
+        info = SMCInfo(
+            step_ess,
+            increment,
+            resampled,
+            ancestors if keep_ancestry else None,
+            log_weights_ok(log_weights),
+        )
         return new_state, info
 
     return kernel
