@@ -63,8 +63,11 @@ def main():
 
     print(f"{'K':>5} {'estimator':>9} {'grad var':>12} {'us/step':>10} {'ratio':>7}")
     for k in args.ks:
-        ests = ["reparam", "stl", "score", "vimco"] if k == 1 else \
-            ["reparam", "score", "vimco", "dreg"]
+        ests = (
+            ["reparam", "stl", "score", "vimco"]
+            if k == 1
+            else ["reparam", "score", "vimco", "dreg"]
+        )
         for est in ests:
             if est == "vimco" and k < 2:
                 continue
@@ -72,12 +75,12 @@ def main():
             kw = {"num_samples": k, "estimator": est}
 
             def step(key, p, obj=obj, kw=kw):
-                return jax.value_and_grad(lambda q: obj(key, log_joint, fam, q, x, validate=False,
-                                                        **kw))(p)
+                return jax.value_and_grad(
+                    lambda q: obj(key, log_joint, fam, q, x, validate=False, **kw)
+                )(p)
 
             def grad_vec(key, obj=obj, kw=kw):
-                g = jax.grad(lambda q: obj(key, log_joint, fam, q, x, validate=False, **kw))(
-                    params)
+                g = jax.grad(lambda q: obj(key, log_joint, fam, q, x, validate=False, **kw))(params)
                 return jnp.concatenate([a.reshape(-1) for a in jax.tree.leaves(g)])
 
             keys = jax.random.split(jax.random.key(k), args.draws)
@@ -88,8 +91,9 @@ def main():
 
             def model():
                 z = numpyro.sample("z", dist.Normal(jnp.zeros(d), 1.0).to_event(1))
-                numpyro.sample("x", dist.Normal(jnp.broadcast_to(z, x.shape), 1.0).to_event(2),
-                               obs=x)
+                numpyro.sample(
+                    "x", dist.Normal(jnp.broadcast_to(z, x.shape), 1.0).to_event(2), obs=x
+                )
 
             def guide():
                 loc = numpyro.param("loc", params["loc"])
@@ -101,8 +105,9 @@ def main():
             def np_step(key, p, loss=loss):
                 return jax.value_and_grad(lambda q: loss.loss(key, q, model, guide))(p)
 
-            t = time_fn(jax.jit(np_step), (jax.random.key(3), dict(params)), args.repeats,
-                        args.min_time)
+            t = time_fn(
+                jax.jit(np_step), (jax.random.key(3), dict(params)), args.repeats, args.min_time
+            )
             print(f"{k:>5} {'numpyro':>9} {'(ELBO, K)':>12} {t * 1e6:>10.1f} {t / base:>7.2f}")
 
 

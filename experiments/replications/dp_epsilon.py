@@ -25,7 +25,7 @@ from feynkit.inference.vi import privacy
 class DPEpsilonConfig(harness.ReplicationConfig):
     epsilons: list[float] = MISSING
     sample_sizes: list[int] = MISSING
-    fpr: float = MISSING             # the simulated attack's false positive rate
+    fpr: float = MISSING  # the simulated attack's false positive rate
     delta: float = MISSING
     level: float = MISSING
     num_trials: int = MISSING
@@ -67,8 +67,11 @@ def run(ex: DPEpsilonConfig, ctx: harness.Context) -> None:
             ctx.claim(f"{tag}: Bayesian interval narrower than Clopper–Pearson", w_b, w_c)
     worst = ctx.metric("max_coverage_error_bayes", max(abs(c - ex.level) for c in coverages))
     mean_ratio = ctx.metric("mean_narrower_fraction", float(np.mean(ratios)))
-    ctx.claim(f"Bayesian coverage within {ex.coverage_tolerance:g} of {ex.level:g}", worst,
-              ex.coverage_tolerance)
+    ctx.claim(
+        f"Bayesian coverage within {ex.coverage_tolerance:g} of {ex.level:g}",
+        worst,
+        ex.coverage_tolerance,
+    )
     ctx.claim("Bayesian intervals >= 20% narrower on average (paper: ~40%)", mean_ratio, 0.2, ">")
 
     with ctx.figure("dp_epsilon.png", 1, 2) as (fig, axes):

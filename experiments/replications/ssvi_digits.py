@@ -36,7 +36,7 @@ class SSVIDigitsConfig(harness.ReplicationConfig):
     prior_sigma: float = MISSING
     predictive_samples: int = MISSING
     max_accuracy_drop: float = MISSING  # claim (absolute, fraction of test images)
-    max_ece_increase: float = MISSING   # claim (absolute)
+    max_ece_increase: float = MISSING  # claim (absolute)
 
     def __post_init__(self):
         harness.require(self.hidden >= 1, "hidden", "must be >= 1.")
@@ -83,15 +83,26 @@ def run(ex: SSVIDigitsConfig, ctx: harness.Context) -> None:
     for label, density in (("dense", 1.0), ("ssvi", ex.density)):
         t0 = time.perf_counter()
         state = ssvi.ssvi_train(
-            jax.random.fold_in(ctx.key, 1), mlp, init, x, y, density=density,
-            num_steps=ex.num_steps, batch_size=ex.batch_size, learning_rate=ex.learning_rate,
-            update_every=ex.update_every, drop_fraction=ex.drop_fraction,
+            jax.random.fold_in(ctx.key, 1),
+            mlp,
+            init,
+            x,
+            y,
+            density=density,
+            num_steps=ex.num_steps,
+            batch_size=ex.batch_size,
+            learning_rate=ex.learning_rate,
+            update_every=ex.update_every,
+            drop_fraction=ex.drop_fraction,
             prior_sigma=ex.prior_sigma,
         )
         jax.block_until_ready(state.mu)
         seconds = time.perf_counter() - t0
-        probs = np.asarray(ssvi.predictive_probs(jax.random.fold_in(ctx.key, 2), mlp, state, xt,
-                                                 ex.predictive_samples))
+        probs = np.asarray(
+            ssvi.predictive_probs(
+                jax.random.fold_in(ctx.key, 2), mlp, state, xt, ex.predictive_samples
+            )
+        )
         acc = float(np.mean(probs.argmax(-1) == yt))
         ece = expected_calibration_error(probs, yt)
         results[label] = (acc, ece)
@@ -102,8 +113,14 @@ def run(ex: SSVIDigitsConfig, ctx: harness.Context) -> None:
     total = sum(a.size for a in jax.tree.leaves(init))
     ctx.metric("total_weights", total)
     ctx.metric("ssvi.sparsity", 1.0 - ctx.results.metrics["ssvi.random_weights"] / total)
-    ctx.claim(f"SSVI accuracy within {ex.max_accuracy_drop:g} of dense MFVI",
-              results["dense"][0] - results["ssvi"][0], ex.max_accuracy_drop)
-    ctx.claim(f"SSVI ECE at most {ex.max_ece_increase:g} above dense MFVI",
-              results["ssvi"][1] - results["dense"][1], ex.max_ece_increase)
+    ctx.claim(
+        f"SSVI accuracy within {ex.max_accuracy_drop:g} of dense MFVI",
+        results["dense"][0] - results["ssvi"][0],
+        ex.max_accuracy_drop,
+    )
+    ctx.claim(
+        f"SSVI ECE at most {ex.max_ece_increase:g} above dense MFVI",
+        results["ssvi"][1] - results["dense"][1],
+        ex.max_ece_increase,
+    )
     ctx.claim("SSVI sparsity >= 90%", ctx.results.metrics["ssvi.sparsity"], 0.9, ">=")

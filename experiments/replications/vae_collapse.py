@@ -24,8 +24,8 @@ from feynkit.inference.vi import collapse_report
 
 @dataclasses.dataclass
 class VAECollapseConfig(harness.ReplicationConfig, zoo.VAEModelConfig):
-    collapse_beta: float = MISSING       # β of the collapsed model
-    kl_threshold: float = MISSING        # ε of ε-posterior collapse (nats)
+    collapse_beta: float = MISSING  # β of the collapsed model
+    kl_threshold: float = MISSING  # ε of ε-posterior collapse (nats)
     activity_threshold: float = MISSING  # active unit: Var_x E[z_i | x] above this
     max_collapsed_fraction: float = MISSING
 
@@ -33,8 +33,9 @@ class VAECollapseConfig(harness.ReplicationConfig, zoo.VAEModelConfig):
         harness.require(self.collapse_beta > 1, "collapse_beta", "must be > 1.")
         harness.require(self.kl_threshold > 0, "kl_threshold", "must be > 0.")
         harness.require(self.activity_threshold > 0, "activity_threshold", "must be > 0.")
-        harness.require(0 < self.max_collapsed_fraction <= 1, "max_collapsed_fraction",
-                        "must lie in (0, 1].")
+        harness.require(
+            0 < self.max_collapsed_fraction <= 1, "max_collapsed_fraction", "must lie in (0, 1]."
+        )
 
 
 @harness.replication("vae_collapse", VAECollapseConfig)
@@ -48,22 +49,28 @@ def run(ex: VAECollapseConfig, ctx: harness.Context) -> None:
         cfg = dataclasses.replace(cfg, beta=beta)
         model, cached = zoo.trained_vae(cfg, ctx.seed, split)
         mean, logvar = model.encode(cached.params, x_test)
-        rep = collapse_report(mean, logvar, ex.kl_threshold, ex.activity_threshold,
-                              ex.max_collapsed_fraction)
+        rep = collapse_report(
+            mean, logvar, ex.kl_threshold, ex.activity_threshold, ex.max_collapsed_fraction
+        )
         reports[label] = rep
         ctx.metric(f"{label}.beta", beta)
         ctx.metric(f"{label}.total_kl", jnp.sum(rep.kl_per_dim))
         ctx.metric(f"{label}.collapsed_fraction", rep.collapsed_fraction)
         ctx.metric(f"{label}.active_units", jnp.sum(rep.active_dims))
         ctx.metric(f"{label}.flagged", rep.collapsed)
-        for i, (kl, act) in enumerate(zip(np.asarray(rep.kl_per_dim), np.asarray(rep.activity),
-                                          strict=True)):
+        for i, (kl, act) in enumerate(
+            zip(np.asarray(rep.kl_per_dim), np.asarray(rep.activity), strict=True)
+        ):
             ctx.metric(f"{label}.kl_dim{i}", kl)
             ctx.metric(f"{label}.activity_dim{i}", act)
     ctx.claim("the diagnostic flags the high-β VAE", reports["high_beta"].collapsed, 0.5, ">")
     ctx.claim("the diagnostic passes the healthy VAE", reports["healthy"].collapsed, 0.5, "<")
-    ctx.claim("high-β VAE has fewer active units", jnp.sum(reports["high_beta"].active_dims),
-              jnp.sum(reports["healthy"].active_dims), "<")
+    ctx.claim(
+        "high-β VAE has fewer active units",
+        jnp.sum(reports["high_beta"].active_dims),
+        jnp.sum(reports["healthy"].active_dims),
+        "<",
+    )
 
     with ctx.figure("vae_collapse.png", 1, 2) as (fig, axes):
         for j, (label, rep) in enumerate(reports.items()):

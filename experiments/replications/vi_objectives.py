@@ -33,9 +33,9 @@ class VIObjectivesConfig(harness.ReplicationConfig):
     dim: int = MISSING
     num_data: int = MISSING
     noise: float = MISSING
-    ks: list[int] = MISSING            # IWAE sample sizes
-    variance_ks: list[int] = MISSING   # K of the estimator-variance table
-    num_repeats: int = MISSING         # draws per bound / gradient estimate
+    ks: list[int] = MISSING  # IWAE sample sizes
+    variance_ks: list[int] = MISSING  # K of the estimator-variance table
+    num_repeats: int = MISSING  # draws per bound / gradient estimate
     fit_steps: int = MISSING
 
     def __post_init__(self):
@@ -102,8 +102,14 @@ def run(ex: VIObjectivesConfig, ctx: harness.Context) -> None:
     mf = vi.MeanFieldGaussian(ex.dim)
     objective = vi.make_objective("elbo", num_samples=8, estimator="stl")
     params, _ = vi.fit(
-        jax.random.fold_in(key, 1), objective, log_joint, mf, mf.init(0.0, 0.3),
-        optimizer=optax.adam(0.02), num_steps=ex.fit_steps, data=data,
+        jax.random.fold_in(key, 1),
+        objective,
+        log_joint,
+        mf,
+        mf.init(0.0, 0.3),
+        optimizer=optax.adam(0.02),
+        num_steps=ex.fit_steps,
+        data=data,
         checkpoint_every=max(ex.fit_steps, 1),
     )
 
@@ -133,27 +139,50 @@ def run(ex: VIObjectivesConfig, ctx: harness.Context) -> None:
             ("reparam", vi.iwae, {"estimator": "reparam"}),
             ("dreg", vi.iwae, {"estimator": "dreg"}),
         ]:
-            v = grad_variance(fn, jax.random.fold_in(key, 10 + k), log_joint, mf, params, data,
-                              ex.num_repeats, num_samples=k, **kw)
+            v = grad_variance(
+                fn,
+                jax.random.fold_in(key, 10 + k),
+                log_joint,
+                mf,
+                params,
+                data,
+                ex.num_repeats,
+                num_samples=k,
+                **kw,
+            )
             var[name, k] = ctx.metric(f"variance.iwae_k{k}.{name}", v)
     k_v = max(ex.variance_ks)
-    ctx.claim(f"K={k_v}: VIMCO variance < score-function variance",
-              var["vimco", k_v], var["score", k_v])
-    ctx.claim(f"K={k_v}: DReG variance < reparam IWAE variance",
-              var["dreg", k_v], var["reparam", k_v])
+    ctx.claim(
+        f"K={k_v}: VIMCO variance < score-function variance", var["vimco", k_v], var["score", k_v]
+    )
+    ctx.claim(
+        f"K={k_v}: DReG variance < reparam IWAE variance", var["dreg", k_v], var["reparam", k_v]
+    )
 
     # STL vs reparameterised ELBO gradient at the exact optimum (full-rank q = posterior)
     fr = vi.FullRankGaussian(ex.dim)
     chol = np.linalg.cholesky(post_cov)
-    opt = {"loc": jnp.asarray(post_mean, jnp.float32),
-           "scale_tril": jnp.asarray(np.tril(chol, -1) + np.diag(np.log(np.diag(chol))),
-                                     jnp.float32)}
+    opt = {
+        "loc": jnp.asarray(post_mean, jnp.float32),
+        "scale_tril": jnp.asarray(np.tril(chol, -1) + np.diag(np.log(np.diag(chol))), jnp.float32),
+    }
     for est in ("reparam", "stl"):
-        v = grad_variance(vi.elbo, jax.random.fold_in(key, 99), log_joint, fr, opt, data,
-                          ex.num_repeats, estimator=est)
+        v = grad_variance(
+            vi.elbo,
+            jax.random.fold_in(key, 99),
+            log_joint,
+            fr,
+            opt,
+            data,
+            ex.num_repeats,
+            estimator=est,
+        )
         var[est, "opt"] = ctx.metric(f"variance.optimum_fullrank.elbo_{est}", v)
-    ctx.claim("at the optimum: STL variance < 1e-3 x reparam variance",
-              var["stl", "opt"], 1e-3 * var["reparam", "opt"])
+    ctx.claim(
+        "at the optimum: STL variance < 1e-3 x reparam variance",
+        var["stl", "opt"],
+        1e-3 * var["reparam", "opt"],
+    )
 
     with ctx.figure("vi_objectives.png", 1, 2) as (fig, axes):
         ax = axes[0, 0]

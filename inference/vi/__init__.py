@@ -1,6 +1,7 @@
 """Variational inference: objectives chosen apart from gradient estimators, families, fitting,
 sparse subspace VI, posterior-collapse diagnostics and Bayesian estimation of DP's ε."""
 
+from feynkit.inference.vi import privacy  # noqa: E402  (ε posteriors for DP)
 from feynkit.inference.vi.diagnostics import (
     CollapseReport,
     active_units,
@@ -20,7 +21,6 @@ from feynkit.inference.vi.objectives import (
     rws,
     vimco,
 )
-from feynkit.inference.vi import privacy  # noqa: E402  (ε posteriors for DP)
 
 __all__ = [
     "CollapseReport",

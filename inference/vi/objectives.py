@@ -105,7 +105,9 @@ def _leave_one_out(log_weights: Array, alpha: float) -> Array:
 
 def _check_static(num_samples: Any, alpha: Any, estimator: str, name: str) -> None:
     if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-        raise ValueError(f"num_samples must be an int >= 1 (K samples from q), got {num_samples!r}.")
+        raise ValueError(
+            f"num_samples must be an int >= 1 (K samples from q), got {num_samples!r}."
+        )
     if not (isinstance(alpha, int | float) and math.isfinite(alpha) and alpha >= 0):
         raise ValueError(
             f"alpha must be a finite number >= 0 (0: IWAE, 1: ELBO), got {alpha!r}; negative α "
@@ -251,7 +253,9 @@ def renyi(
       Li & Turner (2016), "Rényi Divergence Variational Inference"; Tucker, Lawson, Gu &
       Maddison (2019), "Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives".
     """
-    alpha = float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else alpha
+    alpha = (
+        float(alpha) if isinstance(alpha, int | float) and not isinstance(alpha, bool) else alpha
+    )
     name = "the ELBO" if alpha == 1.0 else ("IWAE" if alpha == 0.0 else f"Rényi-α (α={alpha})")
     _check_static(num_samples, alpha, estimator, name)
     _check_tree(family, params, data, local)
@@ -262,39 +266,104 @@ def renyi(
     return _combine(group, key, params, data, local, validate)
 
 
-def elbo(key, log_joint, family, params, data=None, *, num_samples=1, estimator="reparam",
-         baseline=0.0, local=False, validate=True) -> Array:
+def elbo(
+    key,
+    log_joint,
+    family,
+    params,
+    data=None,
+    *,
+    num_samples=1,
+    estimator="reparam",
+    baseline=0.0,
+    local=False,
+    validate=True,
+) -> Array:
     """The ELBO mean_k [log p(x, z_k) − log q(z_k)] averaged over K samples (see `renyi`).
 
     References: Kingma & Welling (2014); Ranganath, Gerrish & Blei (2014), "Black Box
     Variational Inference"; Roeder, Wu & Duvenaud (2017), "Sticking the Landing".
     """
-    return renyi(key, log_joint, family, params, data, alpha=1.0, num_samples=num_samples,
-                 estimator=estimator, baseline=baseline, local=local, validate=validate)
+    return renyi(
+        key,
+        log_joint,
+        family,
+        params,
+        data,
+        alpha=1.0,
+        num_samples=num_samples,
+        estimator=estimator,
+        baseline=baseline,
+        local=local,
+        validate=validate,
+    )
 
 
-def iwae(key, log_joint, family, params, data=None, *, num_samples, estimator="reparam",
-         baseline=0.0, local=False, validate=True) -> Array:
+def iwae(
+    key,
+    log_joint,
+    family,
+    params,
+    data=None,
+    *,
+    num_samples,
+    estimator="reparam",
+    baseline=0.0,
+    local=False,
+    validate=True,
+) -> Array:
     """The importance-weighted bound log (1/K) Σ_k p(x, z_k)/q(z_k) (see `renyi`).
 
     References: Burda, Grosse & Salakhutdinov (2016), "Importance Weighted Autoencoders".
     """
-    return renyi(key, log_joint, family, params, data, alpha=0.0, num_samples=num_samples,
-                 estimator=estimator, baseline=baseline, local=local, validate=validate)
+    return renyi(
+        key,
+        log_joint,
+        family,
+        params,
+        data,
+        alpha=0.0,
+        num_samples=num_samples,
+        estimator=estimator,
+        baseline=baseline,
+        local=local,
+        validate=validate,
+    )
 
 
-def vimco(key, log_joint, family, params, data=None, *, num_samples, local=False,
-          validate=True) -> Array:
+def vimco(
+    key, log_joint, family, params, data=None, *, num_samples, local=False, validate=True
+) -> Array:
     """VIMCO: the IWAE bound with per-sample leave-one-out baselines (K ≥ 2).
 
     References: Mnih & Rezende (2016), "Variational Inference for Monte Carlo Objectives".
     """
-    return renyi(key, log_joint, family, params, data, alpha=0.0, num_samples=num_samples,
-                 estimator="vimco", local=local, validate=validate)
+    return renyi(
+        key,
+        log_joint,
+        family,
+        params,
+        data,
+        alpha=0.0,
+        num_samples=num_samples,
+        estimator="vimco",
+        local=local,
+        validate=validate,
+    )
 
 
-def rws(key, log_joint, family, params, data=None, *, num_samples, wake="both",
-        local=False, validate=True) -> Array:
+def rws(
+    key,
+    log_joint,
+    family,
+    params,
+    data=None,
+    *,
+    num_samples,
+    wake="both",
+    local=False,
+    validate=True,
+) -> Array:
     """Reweighted wake-sleep: value the IWAE bound; gradient Σ_k w̃_k ∇ log p(x, z_k) for model
     parameters in `log_joint` (wake-θ) and Σ_k w̃_k ∇φ log q_φ(z_k) for `params` (wake-φ), with
     z_k ~ q and the self-normalised weights w̃ held fixed. ``wake`` selects "theta", "phi" or
@@ -314,8 +383,9 @@ def rws(key, log_joint, family, params, data=None, *, num_samples, wake="both",
     return _combine(group, key, params, data, local, validate)
 
 
-def local_joint_order_bound(key, log_joint, family, params, data, *, num_samples,
-                            alpha=0.0) -> Array:
+def local_joint_order_bound(
+    key, log_joint, family, params, data, *, num_samples, alpha=0.0
+) -> Array:
     """The bound in the *wrong* order for local latents, for comparison only: one Rényi
     log-mean-exp over K samples of the whole joint, (1/(1−α)) log mean_k exp((1−α) Σ_i ℓ_ik),
     instead of Σ_i of per-point bounds (pyro issue #3104). Same samples as ``renyi(...,

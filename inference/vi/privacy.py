@@ -118,7 +118,11 @@ def credible_interval(samples: ArrayLike, level: float = 0.95) -> tuple[Array, A
 
 
 def clopper_pearson_interval(
-    fp: ArrayLike, n_negative: int, fn: ArrayLike, n_positive: int, delta: float = 0.0,
+    fp: ArrayLike,
+    n_negative: int,
+    fn: ArrayLike,
+    n_positive: int,
+    delta: float = 0.0,
     level: float = 0.95,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ε interval from Clopper–Pearson intervals of FPR and FNR, each at level 1 − α/2

@@ -83,7 +83,10 @@ def _sample_weights(key, mu, log_sigma, masks):
     keys = treedef.unflatten(list(jax.random.split(key, len(leaves))))
     return jax.tree.map(
         lambda k, m, s, msk: jnp.where(msk, m + jnp.exp(s) * jax.random.normal(k, m.shape), 0.0),
-        keys, mu, log_sigma, masks,
+        keys,
+        mu,
+        log_sigma,
+        masks,
     )
 
 

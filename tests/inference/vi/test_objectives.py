@@ -26,7 +26,11 @@ def log_joint_fn(prior_cov):
 
     def log_joint(z, x):
         u = jax.scipy.linalg.solve_triangular(jnp.asarray(prior_chol, z.dtype), z, lower=True)
-        lp = -0.5 * jnp.sum(u**2) - np.log(np.diag(prior_chol)).sum() - 0.5 * D * math.log(2 * math.pi)
+        lp = (
+            -0.5 * jnp.sum(u**2)
+            - np.log(np.diag(prior_chol)).sum()
+            - 0.5 * D * math.log(2 * math.pi)
+        )
         ll = jax.scipy.stats.norm.logpdf(x, jnp.broadcast_to(z, x.shape), SIGMA)
         return lp + jnp.sum(ll)
 
@@ -100,7 +104,7 @@ def test_elbo_value_and_gradient_match_closed_form(family):
             mu, cov = family.mean_cov(p)
             return analytic_elbo(mu, cov, jnp.asarray(SIGMA0), jnp.asarray(X))
 
-        k = 200_000
+        k = 50_000
         est = vi.elbo(jax.random.key(1), LJ, family, params, jnp.asarray(X), num_samples=k)
         # the per-sample log-weights have sd ~ 3 nats: 4 standard errors of the mean
         z = family.sample(jax.random.key(1), params, k)
@@ -126,6 +130,7 @@ def test_bounds_are_exact_at_the_posterior(family):
         np.testing.assert_allclose(float(value), target, atol=2e-4)
 
 
+@pytest.mark.slow
 def test_iwae_increases_in_k_towards_log_evidence():
     family = FAMILIES[1]
     params = some_params(family)
@@ -189,7 +194,7 @@ def test_stl_gradient_vanishes_at_the_optimum(family):
     stl = flat(jax.vmap(lambda k: g("stl", k))(keys))
     rep = flat(jax.vmap(lambda k: g("reparam", k))(keys))
     assert float(jnp.max(jnp.abs(stl))) < 1e-4
-    assert float(jnp.min(jnp.var(rep, 0)[: D])) > 0.1  # loc gradients fluctuate
+    assert float(jnp.min(jnp.var(rep, 0)[:D])) > 0.1  # loc gradients fluctuate
     m, se = jnp.mean(rep, 0), jnp.std(rep, 0) / math.sqrt(rep.shape[0])
     assert float(jnp.max(jnp.abs(m) / (se + 1e-12) * (se > 1e-6))) < 4.5
 
@@ -202,8 +207,10 @@ def test_dreg_variance_below_iwae_at_k64_and_same_model_gradient():
     2x higher)."""
     family = FAMILIES[0]
     m, c = posterior()
-    params = {"loc": jnp.asarray(m + 0.1, jnp.float32),
-              "log_scale": jnp.asarray(0.5 * np.log(np.diag(c)) - 0.2, jnp.float32)}
+    params = {
+        "loc": jnp.asarray(m + 0.1, jnp.float32),
+        "log_scale": jnp.asarray(0.5 * np.log(np.diag(c)) - 0.2, jnp.float32),
+    }
     kw = {"num_samples": 64}
     g_iwae = flat(grads(vi.iwae, family, params, 7, estimator="reparam", **kw))
     g_dreg = flat(grads(vi.iwae, family, params, 7, estimator="dreg", **kw))
@@ -216,8 +223,15 @@ def test_dreg_variance_below_iwae_at_k64_and_same_model_gradient():
     # model parameters closed over by log_joint get the ordinary IWAE gradient from DReG
     def model_grad(est, theta):
         return jax.grad(
-            lambda t: vi.iwae(jax.random.key(8), lambda z, x: LJ(z - t, x - t[None]), family,
-                              params, jnp.asarray(X), estimator=est, **kw)
+            lambda t: vi.iwae(
+                jax.random.key(8),
+                lambda z, x: LJ(z - t, x - t[None]),
+                family,
+                params,
+                jnp.asarray(X),
+                estimator=est,
+                **kw,
+            )
         )(theta)
 
     theta = jnp.array([0.1, 0.2])
@@ -232,8 +246,11 @@ def test_renyi_orders_between_elbo_and_iwae_and_dreg_unbiased():
     keys = jax.random.split(jax.random.key(9), 300)
 
     def mean_of(fn, **kw):
-        return float(jnp.mean(jax.vmap(lambda k: fn(k, LJ, family, params, data, validate=False,
-                                                     **kw))(keys)))
+        return float(
+            jnp.mean(
+                jax.vmap(lambda k: fn(k, LJ, family, params, data, validate=False, **kw))(keys)
+            )
+        )
 
     e = mean_of(vi.elbo, num_samples=16)
     r = mean_of(vi.renyi, alpha=0.5, num_samples=16)
@@ -258,8 +275,15 @@ def test_rws_wake_theta_gradient_tends_to_grad_log_evidence():
 
     theta = jnp.array([0.2, -0.1])
     g = jax.grad(
-        lambda t: vi.rws(jax.random.key(11), lambda z, x: lj(z, x, t), family, params, data,
-                         num_samples=20_000, wake="theta")
+        lambda t: vi.rws(
+            jax.random.key(11),
+            lambda z, x: lj(z, x, t),
+            family,
+            params,
+            data,
+            num_samples=20_000,
+            wake="theta",
+        )
     )(theta)
     n = len(X)
     cov = np.kron(np.ones((n, n)), SIGMA0) + SIGMA**2 * np.eye(n * D)
@@ -267,11 +291,13 @@ def test_rws_wake_theta_gradient_tends_to_grad_log_evidence():
     g_true = np.kron(np.ones((n, 1)), np.eye(D)).T @ np.linalg.solve(cov, resid)
     np.testing.assert_allclose(g, g_true, atol=0.03)
     # wake-φ gives params a gradient and the model none; wake-θ the reverse
-    g_phi = jax.grad(lambda p: vi.rws(jax.random.key(0), LJ, family, p, data, num_samples=8,
-                                      wake="theta"))(params)
+    g_phi = jax.grad(
+        lambda p: vi.rws(jax.random.key(0), LJ, family, p, data, num_samples=8, wake="theta")
+    )(params)
     assert all(float(jnp.max(jnp.abs(a))) == 0.0 for a in jax.tree.leaves(g_phi))
-    g_phi = jax.grad(lambda p: vi.rws(jax.random.key(0), LJ, family, p, data, num_samples=8,
-                                      wake="phi"))(params)
+    g_phi = jax.grad(
+        lambda p: vi.rws(jax.random.key(0), LJ, family, p, data, num_samples=8, wake="phi")
+    )(params)
     assert any(float(jnp.max(jnp.abs(a))) > 0.0 for a in jax.tree.leaves(g_phi))
 
 
@@ -292,7 +318,9 @@ def test_local_latents_sum_outside_the_log_mean_exp():
     right = jax.vmap(
         lambda kk: vi.iwae(kk, lj, family, params, x, num_samples=k, local=True, validate=False)
     )
-    wrong = jax.vmap(lambda kk: vi.local_joint_order_bound(kk, lj, family, params, x, num_samples=k))
+    wrong = jax.vmap(
+        lambda kk: vi.local_joint_order_bound(kk, lj, family, params, x, num_samples=k)
+    )
     r, w = float(jnp.mean(right(keys))), float(jnp.mean(wrong(keys)))
     e = jax.vmap(lambda kk: vi.elbo(kk, lj, family, params, x, local=True, validate=False))(keys)
     assert w < r < log_z, (w, r, log_z)
@@ -313,8 +341,9 @@ def test_jit_compiles_once_and_vmaps():
         traces.append(1)
         return LJ(z, x)
 
-    f = jax.jit(lambda k, p: vi.iwae(k, lj, family, p, jnp.asarray(X), num_samples=8,
-                                     estimator="dreg"))
+    f = jax.jit(
+        lambda k, p: vi.iwae(k, lj, family, p, jnp.asarray(X), num_samples=8, estimator="dreg")
+    )
     a = f(jax.random.key(0), some_params(family))
     n = len(traces)
     b = f(jax.random.key(1), exact_params(family))
@@ -375,12 +404,31 @@ def test_fit_reaches_the_posterior_and_resumes(tmp_path):
     assert hist[-1] > hist[0]
     # killed after 200 steps and resumed == uninterrupted
     ckpt = tmp_path / "ckpt"
-    vi.fit(jax.random.key(1), objective, LJ, family, params, num_steps=200, checkpoint_dir=ckpt,
-           checkpoint_every=100, **kw)
-    resumed, _ = vi.fit(jax.random.key(1), objective, LJ, family, params, num_steps=300,
-                        checkpoint_dir=ckpt, checkpoint_every=100, **kw)
-    straight, _ = vi.fit(jax.random.key(1), objective, LJ, family, params, num_steps=300,
-                         checkpoint_every=100, **kw)
+    vi.fit(
+        jax.random.key(1),
+        objective,
+        LJ,
+        family,
+        params,
+        num_steps=200,
+        checkpoint_dir=ckpt,
+        checkpoint_every=100,
+        **kw,
+    )
+    resumed, _ = vi.fit(
+        jax.random.key(1),
+        objective,
+        LJ,
+        family,
+        params,
+        num_steps=300,
+        checkpoint_dir=ckpt,
+        checkpoint_every=100,
+        **kw,
+    )
+    straight, _ = vi.fit(
+        jax.random.key(1), objective, LJ, family, params, num_steps=300, checkpoint_every=100, **kw
+    )
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
@@ -397,8 +445,9 @@ def test_numpyro_trace_elbo_agrees():
 
     def model():
         z = numpyro.sample("z", dist.Normal(jnp.zeros(D), 1.0).to_event(1))
-        numpyro.sample("x", dist.Normal(jnp.broadcast_to(z, X.shape), SIGMA).to_event(2),
-                       obs=jnp.asarray(X))
+        numpyro.sample(
+            "x", dist.Normal(jnp.broadcast_to(z, X.shape), SIGMA).to_event(2), obs=jnp.asarray(X)
+        )
 
     def guide():
         loc = numpyro.param("loc", params["loc"])
@@ -408,8 +457,12 @@ def test_numpyro_trace_elbo_agrees():
     k = 20_000
     theirs = -Trace_ELBO(num_particles=k).loss(jax.random.key(0), {}, model, guide)
     ours = vi.elbo(jax.random.key(1), lj, family, params, jnp.asarray(X), num_samples=k)
-    exact = analytic_elbo(params["loc"], jnp.diag(jnp.exp(2 * params["log_scale"])),
-                          jnp.asarray(prior), jnp.asarray(X))
+    exact = analytic_elbo(
+        params["loc"],
+        jnp.diag(jnp.exp(2 * params["log_scale"])),
+        jnp.asarray(prior),
+        jnp.asarray(X),
+    )
     # both within 4 standard errors of the closed form (per-sample sd below 4 nats)
     assert abs(float(theirs) - float(exact)) < 4 * 4 / math.sqrt(k)
     assert abs(float(ours) - float(exact)) < 4 * 4 / math.sqrt(k)

@@ -43,6 +43,7 @@ def test_posterior_matches_beta_pushforward_and_intervals_nest():
     np.testing.assert_allclose(stats.binom.cdf(fp, n, upper), a_cp / 2, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_bayesian_interval_covers_and_is_narrower():
     """400 simulated attacks at ε = 2 (n = 500 per class): 95% credible intervals cover the truth
     at 0.95 ± 0.035 (3 binomial standard errors) and are narrower than Clopper–Pearson."""
@@ -100,8 +101,18 @@ def test_ssvi_keeps_its_sparsity_and_learns():
         return x @ w["w"] + w["b"][None]
 
     init = {"w": jnp.zeros((20, 3)), "b": jnp.zeros(3)}
-    state = ssvi.ssvi_train(jax.random.key(0), apply, init, x, y, density=0.25, num_steps=600,
-                            batch_size=64, learning_rate=0.05, update_every=100)
+    state = ssvi.ssvi_train(
+        jax.random.key(0),
+        apply,
+        init,
+        x,
+        y,
+        density=0.25,
+        num_steps=600,
+        batch_size=64,
+        learning_rate=0.05,
+        update_every=100,
+    )
     assert ssvi.active_count(state.masks) == round(0.25 * 60) + max(1, round(0.25 * 3))
     for m, mask in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.masks), strict=True):
         assert float(jnp.max(jnp.abs(jnp.where(mask, 0.0, m)))) == 0.0
