@@ -50,13 +50,15 @@ def check_time_grid(
     min_times: int = 2,
     name: str = "timesteps",
     decreasing: bool = False,
+    monotonic: bool = False,
     domain: tuple[float, float] | None = None,
 ) -> Array:
     """`timesteps` as an array (of `dtype` if given) after checking it is a 1-D grid of at
     least `min_times` times (a solver step needs a start and an end time).
 
-    With ``decreasing`` the times must fall strictly (noise to data) and with ``domain`` lie in
-    [lo, hi] and be finite. Those are data checks: raised at once for a concrete grid and, for a
+    With ``decreasing`` the times must fall strictly (noise to data), with ``monotonic`` fall or
+    rise strictly (a rising grid inverts a deterministic sampler, data to noise), and with
+    ``domain`` lie in [lo, hi] and be finite. Those are data checks: raised at once for a concrete grid and, for a
     grid traced under ``jit``, when the compiled code runs (`fail_if`).
     """
     ts = jnp.asarray(timesteps) if dtype is None else jnp.asarray(timesteps, dtype)
@@ -77,7 +79,15 @@ def check_time_grid(
         fail_if(
             ~jnp.all(ts[1:] < ts[:-1]),
             f"{name} must decrease strictly, from t_max (noise) to t_min (data); got a grid "
-            "that does not (reverse an increasing grid with timesteps[::-1]).",
+            "that does not (reverse an increasing grid with timesteps[::-1]; only a "
+            "deterministic solver, e.g. ddim(eta=0), runs an increasing grid, as an inversion).",
+        )
+    if monotonic:
+        fail_if(
+            ~(jnp.all(ts[1:] < ts[:-1]) | jnp.all(ts[1:] > ts[:-1])),
+            f"{name} must be strictly monotonic: decreasing to sample (noise to data), "
+            "increasing to invert (data to noise); got a grid that goes both ways or repeats "
+            "a time.",
         )
     return ts
 

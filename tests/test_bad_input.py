@@ -110,7 +110,7 @@ def _jit_sample_nan():
 
 
 def _jit_sample_grid(ts):
-    run = jax.jit(lambda ts: diffusion.sample(K, diffusion.ddim(SCHED), _eps, X0, ts)[0])
+    run = jax.jit(lambda ts: diffusion.sample(K, diffusion.euler_maruyama(SCHED), _eps, X0, ts)[0])
     return run(ts).block_until_ready()
 
 
@@ -183,12 +183,19 @@ CASES: list[Case] = [
     Case("apg(eta=nan)", lambda: diffusion.apg(2.0, float("nan"), schedule=SCHED), ValueError,
          "eta"),
     # the sampling loop
-    Case("sample increasing grid (DDIM)",
-         lambda: diffusion.sample(K, diffusion.ddim(SCHED), _eps, X0, GRID[::-1]), ValueError,
-         "timesteps must decrease"),
-    Case("sample increasing grid (DPM-Solver++)",
-         lambda: diffusion.sample(K, diffusion.dpm_solver_pp_2m(SCHED), _eps, X0, GRID[::-1]),
+    # (an increasing grid under a deterministic solver is an inversion, e.g. DDIM inversion)
+    Case("sample increasing grid (Euler-Maruyama)",
+         lambda: diffusion.sample(K, diffusion.euler_maruyama(SCHED), _eps, X0, GRID[::-1]),
          ValueError, "timesteps must decrease"),
+    Case("sample increasing grid (DDPM)",
+         lambda: diffusion.sample(K, diffusion.ddpm(SCHED), _eps, X0, GRID[::-1]),
+         ValueError, "timesteps must decrease"),
+    Case("sample non-monotonic grid (DDIM)",
+         lambda: diffusion.sample(K, diffusion.ddim(SCHED), _eps, X0, jnp.array([1.0, 0.5, 0.7, 0.1])),
+         ValueError, "strictly monotonic"),
+    Case("sample non-monotonic grid (DPM-Solver++)",
+         lambda: diffusion.sample(K, diffusion.dpm_solver_pp_2m(SCHED), _eps, X0, jnp.array([0.9, 0.9, 0.1])),
+         ValueError, "strictly monotonic"),
     Case("sample grid outside [0, 1]",
          lambda: diffusion.sample(K, diffusion.ddim(SCHED), _eps, X0, jnp.linspace(2.0, -1.0, 7)),
          ValueError, "timesteps must lie"),

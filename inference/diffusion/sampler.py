@@ -273,7 +273,9 @@ def sample(
       solver: e.g. ``ddim(schedule, eta=0.0)``.
       model_fn: ``model_fn(x, t, **cond) -> output`` with t of shape (batch,).
       x_init: the starting point at ``timesteps[0]`` (e.g. N(0, σ_max² I) noise), (batch, ...).
-      timesteps: decreasing times, shape (num_steps + 1,), e.g. `time_grid`.
+      timesteps: decreasing times, shape (num_steps + 1,), e.g. `time_grid`. A deterministic
+        solver (``solver.stochastic`` not True: DDIM η = 0, DPM-Solver++, Heun, BDIA) also runs
+        an increasing grid, which inverts it (data to noise, e.g. DDIM inversion).
       prediction: the model's output kind (see `feynkit.inference.diffusion.prediction`), or
         "prediction" when ``model_fn`` already returns a `Prediction`.
       guidance: a `Guidance`, or None for a plain conditional (or unconditional) run.
@@ -299,12 +301,14 @@ def sample(
     Raises:
       ValueError: while tracing (so also under ``jit``): a grid that is not 1-D with ≥ 2
         times, a model output whose shape differs from x (`checked_model`). Data checks —
-        a grid that does not decrease strictly or leaves [0, 1], and x becoming NaN/Inf
+        a grid that leaves [0, 1], is not strictly monotonic, or increases under a stochastic
+        solver (Euler–Maruyama, DDPM, DDIM η > 0), and x becoming NaN/Inf
         (reported with the first step at which it did, e.g. a model returning NaN) — raise
         at once on concrete input and, under ``jit``, stop the compiled run with a
         JaxRuntimeError carrying the message (`feynkit.core.validation.fail_if`).
     """
-    check_time_grid(timesteps, decreasing=True, domain=(0.0, 1.0))
+    stochastic = solver.stochastic is True  # an SDE step cannot run backwards in time
+    check_time_grid(timesteps, decreasing=stochastic, monotonic=not stochastic, domain=(0, 1))
     if corrector is not None:
         from feynkit.inference.smc.corrector import corrected_sample  # smc imports this module
 
@@ -340,7 +344,8 @@ def sample(
         x, sstate, carry = solver.step(
             jax.random.fold_in(key, i), x, sstate, predict, carry, t, t_next
         )
-        first_bad = jnp.where((first_bad < 0) & ~jnp.all(jnp.isfinite(x)), i, first_bad)
+        bad_now = (first_bad < 0) & ~jnp.all(jnp.isfinite(x))
+        first_bad = jnp.where(bad_now, i.astype(first_bad.dtype), first_bad)
         return (x, sstate, carry, first_bad), (x if return_trajectory else None)
 
     steps = (jnp.arange(num_steps), ts[:-1], ts[1:])
