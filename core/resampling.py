@@ -2,9 +2,10 @@
 
 Every scheme has the signature `resample_fn(key, log_weights, num_samples) -> ancestors`, where
 `log_weights` has shape (n,) (unnormalised; −inf allowed) and `ancestors` is an int32 vector
-of shape (num_samples,) with entries in [0, n) (sorted for systematic and stratified). The per-scheme functions take
-**log**-weights (the parameter's name says so); `resample(key, m, weights=...)` or
-`resample(key, m, log_weights=...)` is the entry point that makes the caller say which. All four
+of shape (num_samples,) with entries in [0, n) (sorted for systematic and stratified). The
+per-scheme functions take **log**-weights (the parameter's name says so);
+`resample(key, m, weights=...)` or `resample(key, m, log_weights=...)` is the entry point that
+makes the caller say which. All four
 are unbiased: E[#offspring of i] = m W_i. Multinomial ≥ stratified ≥ systematic in variance (in
 practice); residual ≤ multinomial.
 

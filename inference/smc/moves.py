@@ -1,4 +1,4 @@
-"""MCMC moves for SMC: random-walk Metropolis, MALA and HMC as `(key, state, logdensity) -> (state, info)`.
+"""MCMC moves: random walk, MALA, HMC as `(key, state, logdensity) -> (state, info)`.
 
 Each kernel moves one particle and leaves π ∝ exp(logdensity) invariant; `vmap_move` maps it
 over a particle array (leading axis n) and reports the acceptance rate. The state and info
@@ -96,15 +96,20 @@ def random_walk(step_size: float | Array) -> Move:
 
 
 def mala_log_proposal_ratio(
-    x: Array, x_prop: Array, grad_x: Array, grad_prop: Array, step_size: Array
+    x: Array,
+    x_prop: Array,
+    grad_x: Array,
+    grad_prop: Array,
+    step_size: Array,
+    batched: bool = False,
 ) -> Array:
     """log q(x | x') − log q(x' | x) for q(x' | x) = N(x'; x + h ∇(x), 2h I).
 
-    Summed over all but the leading axis when the arrays are batched (leading axis n), else
-    over all axes of one particle; pass arrays of equal shape."""
+    Arrays of equal shape: one particle (summed over all axes), or with `batched` a leading
+    particle axis n (summed over the others, result shape (n,))."""
 
     def sq(v):
-        return jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1) if v.ndim > 1 else jnp.sum(v**2)
+        return jnp.sum(v.reshape(v.shape[0], -1) ** 2, axis=1) if batched else jnp.sum(v**2)
 
     fwd = x_prop - x - step_size * grad_x
     back = x - x_prop - step_size * grad_prop
@@ -119,11 +124,11 @@ def mala(step_size: float | Array) -> Move:
         k_z, k_u = jax.random.split(key)
         x = state.position
         z = jax.random.normal(k_z, x.shape, x.dtype)
-        prop = init(x + step_size * state.logdensity_grad + jnp.sqrt(2.0 * step_size) * z,
-                    logdensity)
+        prop = init(
+            x + step_size * state.logdensity_grad + jnp.sqrt(2.0 * step_size) * z, logdensity
+        )
         log_q = mala_log_proposal_ratio(
-            x.reshape(-1), prop.position.reshape(-1), state.logdensity_grad.reshape(-1),
-            prop.logdensity_grad.reshape(-1), step_size
+            x, prop.position, state.logdensity_grad, prop.logdensity_grad, step_size
         )
         return _accept(k_u, prop.logdensity - state.logdensity + log_q, prop, state)
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from feynkit.core.types import Array, Key
 from feynkit.inference.smc.corrector import Rejuvenation
+from feynkit.inference.smc.moves import mala_log_proposal_ratio
 
 __all__ = ["langevin_rejuvenation", "rejuvenation_move"]
 
@@ -59,10 +60,6 @@ def langevin_rejuvenation(
     if isinstance(step_size, int | float) and not step_size > 0:
         raise ValueError(f"rejuvenation step_size must be > 0, got {step_size}.")
     return Rejuvenation(num_steps, step_size, log_density)
-
-
-def _sum(v: Array) -> Array:
-    return jnp.sum(v.reshape(v.shape[0], -1), axis=1)
 
 
 def _select(mask: Array, a: Any, b: Any) -> Any:
@@ -117,8 +114,9 @@ def rejuvenation_move(
             if rejuv.log_density is None:
                 accept = jnp.ones((n,), bool)
             else:
-                back = x - (x_prop - h / sigma * pred_p.eps)
-                log_q_ratio = -_sum(back**2) / (4.0 * h) + 0.5 * _sum(z**2)
+                log_q_ratio = mala_log_proposal_ratio(
+                    x, x_prop, -pred.eps / sigma, -pred_p.eps / sigma, h, batched=True
+                )
                 log_pi = rejuv.log_density(x_prop, t) - rejuv.log_density(x, t)
                 log_u = jnp.log(jax.random.uniform(k_u, (n,), x.dtype))
                 accept = log_u < log_pi + log_q_ratio

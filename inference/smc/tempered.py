@@ -150,8 +150,14 @@ def tempered_smc(
     particles with ``state.log_weights`` approximate π₀ L / Z. A fixed schedule runs its
     len(betas) − 1 steps in a `lax.scan`; the adaptive one a `lax.while_loop`."""
     kernel = tempered_kernel(
-        logprior, loglik, move, betas=betas, target_ess=target_ess,
-        num_mcmc_steps=num_mcmc_steps, resample_fn=resample_fn, ess_threshold=ess_threshold,
+        logprior,
+        loglik,
+        move,
+        betas=betas,
+        target_ess=target_ess,
+        num_mcmc_steps=num_mcmc_steps,
+        resample_fn=resample_fn,
+        ess_threshold=ess_threshold,
         init_fn=init_fn,
     )
     n = particles.shape[0]

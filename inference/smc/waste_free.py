@@ -123,8 +123,15 @@ def waste_free_smc(
     start from M of the prior draws, as in Dau & Chopin's Algorithm 2."""
     n = particles.shape[0]
     kernel = waste_free_kernel(
-        logprior, loglik, move, num_resampled, n, betas=betas, target_ess=target_ess,
-        resample_fn=resample_fn, init_fn=init_fn,
+        logprior,
+        loglik,
+        move,
+        num_resampled,
+        n,
+        betas=betas,
+        target_ess=target_ess,
+        resample_fn=resample_fn,
+        init_fn=init_fn,
     )
     dtype = jnp.result_type(particles.dtype, float)
     shared = TemperedShared(

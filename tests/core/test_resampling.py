@@ -437,8 +437,12 @@ def test_resample_needs_exactly_one_of_weights_and_log_weights():
 
 @pytest.mark.parametrize(
     ("weights", "match"),
-    [([0.5, -0.1, 0.6], "weights must be ≥ 0"), ([0.5, np.nan, 0.5], "weights must be finite"),
-     ([1.0, np.inf], "weights must be finite"), ([0.0, 0.0], "weights are all zero")],
+    [
+        ([0.5, -0.1, 0.6], "weights must be ≥ 0"),
+        ([0.5, np.nan, 0.5], "weights must be finite"),
+        ([1.0, np.inf], "weights must be finite"),
+        ([0.0, 0.0], "weights are all zero"),
+    ],
 )
 def test_weights_entry_rejects_bad_values(weights, match):
     with pytest.raises(ValueError, match=match):

@@ -46,8 +46,14 @@ def test_tempered_log_normalizer_closed_form(adaptive):
 
     def one(key):
         state, steps = tempered_smc(
-            key, _prior_draws(jax.random.fold_in(key, 1), 512), _logprior, _loglik, move,
-            betas=betas, target_ess=0.5, num_mcmc_steps=2,
+            key,
+            _prior_draws(jax.random.fold_in(key, 1), 512),
+            _logprior,
+            _loglik,
+            move,
+            betas=betas,
+            target_ess=0.5,
+            num_mcmc_steps=2,
         )
         return state.log_normalizer, state.shared.beta, steps
 
@@ -61,8 +67,12 @@ def test_tempered_log_normalizer_closed_form(adaptive):
 def test_waste_free_log_normalizer_closed_form():
     def one(key):
         state, _ = waste_free_smc(
-            key, _prior_draws(jax.random.fold_in(key, 1), 512), _logprior, _loglik,
-            moves.random_walk(0.4), num_resampled=64,
+            key,
+            _prior_draws(jax.random.fold_in(key, 1), 512),
+            _logprior,
+            _loglik,
+            moves.random_walk(0.4),
+            num_resampled=64,
         )
         return state.log_normalizer, state.shared.beta, state.particles
 
@@ -90,11 +100,29 @@ def test_next_temperature_hits_target_conditional_ess():
 
 def test_bad_schedule_rejected():
     with pytest.raises(ValueError, match="betas must be a strictly increasing vector from 0 to 1"):
-        tempered_smc(jax.random.key(0), jnp.zeros((4, 2)), _logprior, _loglik,
-                     moves.mala(0.1), betas=[0.0, 0.5, 0.4, 1.0])
+        tempered_smc(
+            jax.random.key(0),
+            jnp.zeros((4, 2)),
+            _logprior,
+            _loglik,
+            moves.mala(0.1),
+            betas=[0.0, 0.5, 0.4, 1.0],
+        )
     with pytest.raises(ValueError, match="target_ess"):
-        tempered_smc(jax.random.key(0), jnp.zeros((4, 2)), _logprior, _loglik,
-                     moves.mala(0.1), target_ess=1.5)
+        tempered_smc(
+            jax.random.key(0),
+            jnp.zeros((4, 2)),
+            _logprior,
+            _loglik,
+            moves.mala(0.1),
+            target_ess=1.5,
+        )
     with pytest.raises(ValueError, match="multiple"):
-        waste_free_smc(jax.random.key(0), jnp.zeros((10, 2)), _logprior, _loglik,
-                       moves.mala(0.1), num_resampled=4)
+        waste_free_smc(
+            jax.random.key(0),
+            jnp.zeros((10, 2)),
+            _logprior,
+            _loglik,
+            moves.mala(0.1),
+            num_resampled=4,
+        )
