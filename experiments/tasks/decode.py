@@ -104,6 +104,46 @@ def copy_prompts(corpus, num: int, snippet_len: int, prefix: int, edits: int, se
     return jnp.asarray(prompts), jnp.asarray(guides), jnp.full((num,), snippet_len, jnp.int32)
 
 
+# The ``decoder=`` options' factories: each returns its arguments, the spec `build_decoder` reads.
+
+
+def baseline(name: str = "baseline") -> dict:
+    """decoder=baseline: one token per forward pass."""
+    return dict(locals())
+
+
+def speculative(
+    name: str = "speculative",
+    num_draft: int = 4,
+    draft_d_model: int = 64,
+    draft_num_layers: int = 1,
+    draft_num_heads: int = 2,
+    draft_mlp_dim: int = 172,
+) -> dict:
+    """decoder=speculative: a `zoo.trained_draft_lm` of this architecture, γ = num_draft."""
+    return dict(locals())
+
+
+def medusa(
+    name: str = "medusa",
+    num_heads: int = 3,
+    top_k: int = 4,
+    tree_size: int = 24,
+    train_steps: int = 600,
+    train_steps_smoke: int = 60,
+    acceptance: str = "greedy",
+    epsilon: float = 0.09,
+    delta: float = 0.3,
+) -> dict:
+    """decoder=medusa: `zoo.trained_medusa_heads`, a tree from their top-k accuracies."""
+    return dict(locals())
+
+
+def aggressive(name: str = "aggressive", num_guess: int = 12, match_len: int = 4) -> dict:
+    """decoder=aggressive: input-guided aggressive decoding."""
+    return dict(locals())
+
+
 def build_decoder(spec: dict, model, params, corpus, lm_ex, smoke: bool, seed: int = 0):
     """(the `Decoder` a ``decoder=`` option describes, metrics of building it)."""
     from feynkit.experiments import zoo

@@ -45,6 +45,7 @@ _CALL_TIME = {
     "quant": set(),
     "prune": set(),
     "data": {"key", "n"},
+    "decoder": set(),
 }
 
 
