@@ -23,10 +23,13 @@ def lm():
 
 
 def _greedy_reference(model, params, prompt, length, steps, eos):
-    """Greedy decoding by full forward passes in float64 NumPy argmax, one sequence."""
+    """Greedy decoding by full forward passes (NumPy argmax), one sequence."""
     seq = list(np.asarray(prompt[:length]))
+    forward = jax.jit(model.forward)  # causal: the zero padding after the sequence is unread
+    width = len(prompt) + steps
     for _ in range(steps):
-        logits = np.asarray(model.forward(params, jnp.asarray([seq])))[0, -1]
+        padded = jnp.asarray([seq + [0] * (width - len(seq))])
+        logits = np.asarray(forward(params, padded), np.float64)[0, len(seq) - 1]
         seq.append(int(np.argmax(logits)))
         if seq[-1] == eos:
             break
