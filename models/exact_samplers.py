@@ -40,7 +40,7 @@ def rejection_sample(
                 f"acceptance log-probability {la.max():.3g} > 0: the envelope bound is too small."
             )
         u = np.asarray(jax.random.uniform(k_acc, (batch,)))
-        keep = np.log(u) < np.minimum(la, 0.0)
+        keep = u < np.exp(np.minimum(la, 0.0))  # u = 0 is kept, with no log(0) warning
         out.append(np.asarray(x)[keep])
         total += int(keep.sum())
         if total >= n:
