@@ -14,16 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from jax.scipy.linalg import solve_triangular
 from jax.scipy.special import logsumexp
 
 from feynkit.core.types import Array, ArrayLike, Float, Key
 
 __all__ = ["GaussianMixture"]
-
-
-def _chol(covs: Array) -> Array:
-    return jnp.linalg.cholesky(covs)
 
 
 @struct.dataclass
@@ -34,11 +29,20 @@ class GaussianMixture:
       log_weights: normalised log mixture weights, shape (K,).
       means: component means, shape (K, d).
       covs: component covariances, shape (K, d, d), symmetric positive definite.
+      eigvals, eigvecs: the spectral decomposition covs = V diag(λ) Vᵀ, shapes (K, d) and
+        (K, d, d), computed once in float64 NumPy by `create` (and carried exactly through
+        `noised`: α²Σ + σ²I has eigenvalues α²λ + σ², the same vectors). Densities, scores and
+        draws use it, so nothing inside a jitted sampler loop calls a LAPACK factorisation:
+        jaxlib's batched CPU LAPACK kernels (`getrf`, `potrf`) run a parallel batch map on
+        XLA's intra-op thread pool and were seen to deadlock inside `lax.scan` (all threads
+        waiting; the intermittent `fkc_sample` hang). None: computed on use with `eigh`.
     """
 
     log_weights: Array
     means: Array
     covs: Array
+    eigvals: Array | None = None
+    eigvecs: Array | None = None
 
     @classmethod
     def create(
@@ -77,10 +81,42 @@ class GaussianMixture:
         covs = jnp.asarray(covs, dtype=means.dtype)
         if covs.shape != (k, d, d):
             raise ValueError(f"covs must have shape ({k}, {d}, {d}), got {covs.shape}.")
-        if not np.all(np.linalg.eigvalsh(np.asarray(covs, dtype=np.float64)) > 0):
+        c64 = np.asarray(covs, dtype=np.float64)
+        if not np.allclose(c64, np.swapaxes(c64, -1, -2), rtol=1e-5, atol=1e-6 * np.abs(c64).max()):
+            raise ValueError("covs must be symmetric positive definite (they are not symmetric).")
+        vals, vecs = np.linalg.eigh(c64)
+        if not np.all(vals > 0):
             raise ValueError("covs must be symmetric positive definite.")
         log_w = np.log(weights) - np.log(weights.sum())
-        return cls(jnp.asarray(log_w, dtype=means.dtype), means, covs)
+        dt = means.dtype
+        return cls(
+            jnp.asarray(log_w, dtype=dt),
+            means,
+            covs,
+            jnp.asarray(vals, dtype=dt),
+            jnp.asarray(vecs, dtype=dt),
+        )
+
+    def spectral(self) -> tuple[Array, Array]:
+        """(λ, V) with covs = V diag(λ) Vᵀ, shapes (K, d) and (K, d, d)."""
+        if self.eigvals is not None and self.eigvecs is not None:
+            return self.eigvals, self.eigvecs
+        return jnp.linalg.eigh(self.covs)
+
+    def _whiten(self, diff: Array) -> Array:
+        """Vᵀ(x − μ_k) per component: diff (..., K, d) → (..., K, d) in the eigenbasis."""
+        _, vecs = self.spectral()
+        return jnp.einsum("kji,...kj->...ki", vecs, diff)
+
+    def precision_matvec(self, diff: Array) -> Array:
+        """Σ_k⁻¹ (x − μ_k) per component for diff of shape (..., K, d), without a solve."""
+        vals, vecs = self.spectral()
+        vals = vals.reshape((1,) * (diff.ndim - 2) + vals.shape)
+        return jnp.einsum("kij,...kj->...ki", vecs, self._whiten(diff) / vals)
+
+    def _lead(self, a: Array, x: Array) -> Array:
+        """`a` (per component) with x's leading axes prepended (explicit rank promotion)."""
+        return a.reshape((1,) * (x.ndim - 1) + a.shape)
 
     @property
     def dim(self) -> int:
@@ -103,16 +139,11 @@ class GaussianMixture:
     def component_log_probs(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "... K"]:
         """log π_k + log N(x; μ_k, Σ_k) for every component."""
         x = self._check_x(x)
-        chol = _chol(self.covs)
-
-        def one(mu, L, lw):
-            diff = x.reshape(-1, self.dim) - mu[None]
-            z = solve_triangular(L, diff.T, lower=True).T
-            logdet = jnp.sum(jnp.log(jnp.diagonal(L)))
-            lp = -0.5 * jnp.sum(z**2, -1) - logdet - 0.5 * self.dim * math.log(2 * math.pi)
-            return lw + lp.reshape(x.shape[:-1])
-
-        return jnp.moveaxis(jax.vmap(one)(self.means, chol, self.log_weights), 0, -1)
+        vals, _ = self.spectral()
+        diff = x[..., None, :] - self._lead(self.means, x)  # (..., K, d)
+        z2 = jnp.sum(self._whiten(diff) ** 2 / self._lead(vals, x), -1)
+        const = self.log_weights - 0.5 * jnp.sum(jnp.log(vals), -1)
+        return self._lead(const, x) - 0.5 * z2 - 0.5 * self.dim * math.log(2 * math.pi)
 
     def log_prob(self, x: Float[ArrayLike, "... d"]) -> Float[Array, "..."]:
         """log p(x) = logsumexp_k (log π_k + log N(x; μ_k, Σ_k))."""
@@ -127,10 +158,7 @@ class GaussianMixture:
         """∇ log p(x) = −Σ_k r_k(x) Σ_k⁻¹ (x − μ_k), in closed form."""
         x = self._check_x(x)
         r = self.responsibilities(x)
-        prec = jnp.linalg.inv(self.covs)
-        means = self.means.reshape((1,) * (x.ndim - 1) + self.means.shape)
-        diff = x[..., None, :] - means  # (..., K, d)
-        per = -jnp.einsum("kij,...kj->...ki", prec, diff)
+        per = -self.precision_matvec(x[..., None, :] - self._lead(self.means, x))  # (..., K, d)
         return jnp.sum(r[..., None] * per, axis=-2)
 
     def sample(self, key: Key, n: int) -> Float[Array, "n d"]:
@@ -142,8 +170,10 @@ class GaussianMixture:
         k1, k2 = jax.random.split(key)
         labels = jax.random.categorical(k1, self.log_weights, shape=(n,))
         eps = jax.random.normal(k2, (n, self.dim), dtype=self.means.dtype)
-        chol = _chol(self.covs)[labels]
-        x = self.means[labels] + jnp.einsum("nij,nj->ni", chol, eps)
+        vals, vecs = self.spectral()
+        x = self.means[labels] + jnp.einsum(
+            "nij,nj->ni", vecs[labels], jnp.sqrt(vals[labels]) * eps
+        )
         return x, labels
 
     def noised(self, alpha: ArrayLike, sigma: ArrayLike) -> GaussianMixture:
@@ -151,8 +181,13 @@ class GaussianMixture:
         alpha = jnp.asarray(alpha, self.means.dtype)
         sigma = jnp.asarray(sigma, self.means.dtype)
         eye = jnp.eye(self.dim, dtype=self.means.dtype)
+        vals, vecs = self.spectral()
         return GaussianMixture(
-            self.log_weights, alpha * self.means, alpha**2 * self.covs + sigma**2 * eye[None]
+            self.log_weights,
+            alpha * self.means,
+            alpha**2 * self.covs + sigma**2 * eye[None],
+            alpha**2 * vals + sigma**2,
+            vecs,
         )
 
     def marginal(self, schedule, t: ArrayLike) -> GaussianMixture:
@@ -191,11 +226,12 @@ class GaussianMixture:
         )(self.means, self.covs)
         lw = lw + self.log_weights[:, None] + other.log_weights[None]
         log_z = logsumexp(lw)
+        cov = cov.reshape(k1 * k2, self.dim, self.dim)
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+        vals, vecs = jnp.linalg.eigh(cov)
         return (
             GaussianMixture(
-                (lw - log_z).reshape(k1 * k2),
-                mean.reshape(k1 * k2, self.dim),
-                cov.reshape(k1 * k2, self.dim, self.dim),
+                (lw - log_z).reshape(k1 * k2), mean.reshape(k1 * k2, self.dim), cov, vals, vecs
             ),
             log_z,
         )
@@ -204,7 +240,10 @@ class GaussianMixture:
         """The mixture restricted to `components` (indices), weights renormalised."""
         idx = np.asarray(components)
         lw = self.log_weights[idx]
-        return GaussianMixture(lw - logsumexp(lw), self.means[idx], self.covs[idx])
+        vals, vecs = self.spectral()
+        return GaussianMixture(
+            lw - logsumexp(lw), self.means[idx], self.covs[idx], vals[idx], vecs[idx]
+        )
 
     def modes(self, num_iters: int = 200) -> Array:
         """Local maxima of p found by mean-shift from every component mean, shape (K, d)."""

@@ -131,10 +131,13 @@ class MixtureTarget:
 
         lw = self.table[row]
         keep = np.nonzero(np.isfinite(lw))[0]
+        vals, vecs = self.mixture.spectral()
         return GaussianMixture(
             jnp.asarray(lw[keep] - np.logaddexp.reduce(lw[keep])),
             self.mixture.means[keep],
             self.mixture.covs[keep],
+            vals[keep],
+            vecs[keep],
         )
 
 
@@ -153,8 +156,7 @@ def _mixture_eps(target: MixtureTarget, schedule: Any):
             m = target.mixture.marginal(schedule, ti)
             comp = m.replace(log_weights=jnp.zeros_like(m.log_weights))
             r = jax.nn.softmax(comp.component_log_probs(xi) + lwi)
-            prec = jnp.linalg.inv(m.covs)
-            per = -jnp.einsum("kij,kj->ki", prec, xi[None] - m.means)
+            per = -m.precision_matvec(xi[None] - m.means)
             return -schedule.sigma(ti) * jnp.sum(r[:, None] * per, 0)
 
         return jax.vmap(one)(x, t, lw)
