@@ -35,9 +35,8 @@ def test_smoke_run_writes_results(tmp_path):
         "wall_seconds",
     }
     assert res["experiment"] == "fkc_gmm" and res["config"]["smoke"] is True
-    for v in ("anneal", "product", "cfg"):
-        for m in ("fkc", "naive"):
-            assert res["metrics"][f"{v}.2d.{m}_error"] >= 0
+    for v in ("product", "cfg"):  # the smoke run's variants: FKC beats the naive SDE on both
+        assert res["metrics"][f"{v}.2d.fkc_error"] < res["metrics"][f"{v}.2d.naive_error"]
     assert all(set(c) >= {"name", "holds", "value", "bound"} for c in res["claims"])
     assert (tmp_path / "run" / "fkc_gmm.png").stat().st_size > 1000
     assert "| claim |" in out.stdout
