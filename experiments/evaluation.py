@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,9 @@ from feynkit.core.types import Array, ArrayLike, Float, Int, PyTree
 from feynkit.experiments.losses import next_token_loss
 
 __all__ = [
+    "compressed_decode_logits",
     "consecutive_windows",
+    "fkc_over_seeds",
     "group_for",
     "lm_nll",
     "lm_nll_fn",
@@ -141,3 +144,80 @@ def group_for(d_in: int, target: int) -> int:
     if d_in < 1 or target < 1:
         raise ValueError(f"d_in and target must be ≥ 1, got {d_in} and {target}.")
     return max(g for g in range(1, min(d_in, target) + 1) if d_in % g == 0)
+
+
+def compressed_decode_logits(
+    model: Any,
+    params: PyTree,
+    tokens: Int[ArrayLike, "b t"],
+    compressor: Any,
+    *,
+    prefix_len: int,
+    recompress_every: int | None = None,
+) -> tuple[Float[Array, "b t_dec vocab"], Any]:
+    """Teacher-forced logits of tokens[prefix_len:] decoded from a compressed KV cache.
+
+    prefill(tokens[:P]) → cache[:P] ← compressor(cache[:P]) → step(tokens[P:P+c]) →
+    cache[P:P+c] ← compressor(cache[P:P+c]) → … (chunks of c = ``recompress_every``).
+
+    Args:
+      model: has ``init_cache(batch, max_len)`` and ``step(params, tokens, cache, position)``
+        and a cache pytree with ``k``, ``v`` of shape (layers, batch, len, kv_heads, head_dim)
+        (e.g. `feynkit.models.TransformerLM`); ``lm_attention_probs`` must apply to it when the
+        compressor needs attention.
+      params: model parameters.
+      tokens: (b, t) int tokens; positions 0, …, t − 1.
+      compressor: a `KVCompressor`.
+      prefix_len: P, 1 ≤ P < t, the prefilled and then compressed prompt.
+      recompress_every: c ≥ 1, compress each full chunk of c decoded tokens (GEAR's streaming
+        buffer); None keeps decoded tokens in full precision. Not for compressors that need
+        attention.
+
+    Returns:
+      (logits at positions P, …, t − 1 — position i predicts token i + 1 —, `KVCacheInfo` of
+      every compressed entry).
+
+    References:
+      Kang et al. (2024), "GEAR", arXiv:2403.05527 (streaming buffer).
+    """
+    if recompress_every is not None and (recompress_every < 1 or compressor.needs_attention):
+        raise ValueError(
+            "recompress_every must be a positive chunk length, and only for compressors that "
+            "do not need attention statistics (use None for EMS)."
+        )
+    from feynkit.compression.quant.kv_cache import KVCacheInfo, kv_compress_hook
+    from feynkit.inference.decoding import forced_logits
+
+    logits, (nbytes, fp16) = forced_logits(
+        model,
+        params,
+        tokens,
+        prefix_len=prefix_len,
+        chunk=recompress_every,
+        kv_compress=kv_compress_hook(model, params, compressor),
+    )
+    return logits, KVCacheInfo(nbytes, fp16)
+
+
+def fkc_over_seeds(sde, n, dim, cfg, resample_fn):
+    """`smc.fkc_sample` over a batch of seed keys: one compiled function for FKC and the naive
+    SDE (`weighted` is traced), run over seeds
+    with `lax.map` (sequential: batching the SMC loop with vmap is slower on CPU)."""
+
+    def one(k, weighted):
+        from feynkit.inference import smc
+
+        state, info = smc.fkc_sample(
+            k,
+            sde,
+            n,
+            dim,
+            cfg.num_steps,
+            t_min=cfg.t_min,
+            weighted=weighted,
+            resample_fn=resample_fn,
+            ess_threshold=cfg.ess_threshold,
+        )
+        return state.particles, state.log_weights, jnp.sum(info.resampled)
+
+    return jax.jit(lambda keys, weighted: jax.lax.map(lambda k: one(k, weighted), keys))

@@ -152,7 +152,6 @@ from feynkit.compression.quant.integer_ops import (  # noqa: E402
 )
 from feynkit.compression.quant.kv_cache import (  # noqa: E402
     KVCompressor,
-    compressed_decode_logits,
     ems_kv_compressor,
     gear_kv_compressor,
     identity_kv_compressor,
@@ -262,7 +261,6 @@ __all__ += [
     "ems_expand",
     "global_local_scores",
     "KVCompressor",
-    "compressed_decode_logits",
     "ems_kv_compressor",
     "gear_kv_compressor",
     "identity_kv_compressor",

@@ -5,10 +5,10 @@ A `KVCompressor` maps a block of cache entries — keys and values of shape
 probabilities — to the entries the decoder will read back and the bytes their compressed form
 occupies. The storage is simulated exactly: the decoder reads decompress(compress(entries)).
 
-`compressed_decode_logits` runs, through the decoding loop's teacher-forced
-`feynkit.inference.decoding.forced_logits` (the compressor as its ``kv_compress`` argument,
-`kv_compress_hook`; the same hook plugs into `feynkit.inference.decoding.generate`), a model
-with an explicit KV-cache pytree
+`kv_compress_hook` turns a compressor into the one decoding loop's plain ``kv_compress``
+argument (`feynkit.inference.decoding.generate` and its teacher-forced `forced_logits`; this
+package does not import inference — `feynkit.experiments.evaluation.compressed_decode_logits`
+wires the two), for a model with an explicit KV-cache pytree
 (``model.init_cache``, ``model.step(params, tokens, cache, position)``, a cache with fields
 ``k``, ``v`` of that layout, e.g. `feynkit.models.TransformerLM`):
 
@@ -41,11 +41,9 @@ from feynkit.compression.quant.kv_ems import (
 )
 from feynkit.compression.quant.kv_gear import gear_compress
 from feynkit.core.types import Array, ArrayLike, Float, Int, PyTree
-from feynkit.inference.decoding.loop import KVCompressFn, forced_logits
 
 __all__ = [
     "KVCompressor",
-    "compressed_decode_logits",
     "ems_kv_compressor",
     "gear_kv_compressor",
     "identity_kv_compressor",
@@ -246,57 +244,7 @@ def _replace(cache, start, k_hat, v_hat):
     return cache._replace(k=k, v=v)
 
 
-def compressed_decode_logits(
-    model: Any,
-    params: PyTree,
-    tokens: Int[ArrayLike, "b t"],
-    compressor: KVCompressor,
-    *,
-    prefix_len: int,
-    recompress_every: int | None = None,
-) -> tuple[Float[Array, "b t_dec vocab"], KVCacheInfo]:
-    """Teacher-forced logits of tokens[prefix_len:] decoded from a compressed KV cache.
-
-    prefill(tokens[:P]) → cache[:P] ← compressor(cache[:P]) → step(tokens[P:P+c]) →
-    cache[P:P+c] ← compressor(cache[P:P+c]) → … (chunks of c = ``recompress_every``).
-
-    Args:
-      model: has ``init_cache(batch, max_len)`` and ``step(params, tokens, cache, position)``
-        and a cache pytree with ``k``, ``v`` of shape (layers, batch, len, kv_heads, head_dim)
-        (e.g. `feynkit.models.TransformerLM`); ``lm_attention_probs`` must apply to it when the
-        compressor needs attention.
-      params: model parameters.
-      tokens: (b, t) int tokens; positions 0, …, t − 1.
-      compressor: a `KVCompressor`.
-      prefix_len: P, 1 ≤ P < t, the prefilled and then compressed prompt.
-      recompress_every: c ≥ 1, compress each full chunk of c decoded tokens (GEAR's streaming
-        buffer); None keeps decoded tokens in full precision. Not for compressors that need
-        attention.
-
-    Returns:
-      (logits at positions P, …, t − 1 — position i predicts token i + 1 —, `KVCacheInfo` of
-      every compressed entry).
-
-    References:
-      Kang et al. (2024), "GEAR", arXiv:2403.05527 (streaming buffer).
-    """
-    if recompress_every is not None and (recompress_every < 1 or compressor.needs_attention):
-        raise ValueError(
-            "recompress_every must be a positive chunk length, and only for compressors that "
-            "do not need attention statistics (use None for EMS)."
-        )
-    logits, (nbytes, fp16) = forced_logits(
-        model,
-        params,
-        tokens,
-        prefix_len=prefix_len,
-        chunk=recompress_every,
-        kv_compress=kv_compress_hook(model, params, compressor),
-    )
-    return logits, KVCacheInfo(nbytes, fp16)
-
-
-def kv_compress_hook(model: Any, params: PyTree, compressor: KVCompressor) -> KVCompressFn:
+def kv_compress_hook(model: Any, params: PyTree, compressor: KVCompressor) -> Callable:
     """The `KVCompressor` as the decoding loop's ``kv_compress`` argument
     (`feynkit.inference.decoding.generate`, `forced_logits`): compresses the cache slots
     [start, stop) in place and reports (compressed bytes, fp16 bytes) of those entries.

@@ -35,8 +35,8 @@ from omegaconf import MISSING
 from feynkit.core import RESAMPLERS, LinearSchedule, get_resampler
 from feynkit.experiments import harness
 from feynkit.experiments.data import load_digits_split
+from feynkit.experiments.evaluation import fkc_over_seeds
 from feynkit.experiments.metrics import energy_distance
-from feynkit.experiments.replications.fkc_gmm import _sampler
 from feynkit.inference import smc
 from feynkit.models import GaussianMixture, sample_guided
 
@@ -131,7 +131,7 @@ def run(ex: FKCCFGDigitsConfig, ctx: harness.Context) -> None:
                 f"{prefix}.reference.log_posterior", float(jnp.mean(log_posterior(truth, u_min, c)))
             )
             keys = jax.random.split(k_run, ex.num_seeds)
-            sample = _sampler(sde, n, DIM, ex, resample_fn)
+            sample = fkc_over_seeds(sde, n, DIM, ex, resample_fn)
             for method, weighted in (("fkc", True), ("naive", False)):
                 x, lw, n_res = sample(keys, jnp.asarray(weighted))
                 eds = [

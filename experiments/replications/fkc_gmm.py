@@ -30,6 +30,7 @@ from omegaconf import MISSING
 
 from feynkit.core import LinearSchedule, get_resampler, systematic_resample
 from feynkit.experiments import harness
+from feynkit.experiments.evaluation import fkc_over_seeds
 from feynkit.experiments.metrics import energy_distance
 from feynkit.inference import diffusion as dif
 from feynkit.inference import smc
@@ -138,27 +139,6 @@ def ground_truth(key, variant: str, targets: dict, cfg, schedule, n: int | None 
     return sample_guided(key, ms[1], ms[0], cfg.guidance_weight, targets["cond_mass"], n)
 
 
-def _sampler(sde, n, dim, cfg, resample_fn):
-    """One compiled function for FKC and the naive SDE (`weighted` is traced), run over seeds
-    with `lax.map` (sequential: batching the SMC loop with vmap is slower on CPU)."""
-
-    def one(k, weighted):
-        state, info = smc.fkc_sample(
-            k,
-            sde,
-            n,
-            dim,
-            cfg.num_steps,
-            t_min=cfg.t_min,
-            weighted=weighted,
-            resample_fn=resample_fn,
-            ess_threshold=cfg.ess_threshold,
-        )
-        return state.particles, state.log_weights, jnp.sum(info.resampled)
-
-    return jax.jit(lambda keys, weighted: jax.lax.map(lambda k: one(k, weighted), keys))
-
-
 def mode_mixture(variant: str, targets: dict, cfg, schedule):
     """The mixture whose components define the modes of the variant's target at t_min."""
     ms = [g.marginal(schedule, cfg.t_min) for g in targets["models"]]
@@ -264,7 +244,7 @@ def run(ex: FKCGMMConfig, ctx: harness.Context) -> None:
                 ]
                 errors["floor", n], masses["floor", n] = np.mean(fl, axis=0)
                 runs = []
-                sample = _sampler(sde, n, dim, ex, resample_fn)
+                sample = fkc_over_seeds(sde, n, dim, ex, resample_fn)
                 for method, weighted in (("fkc", True), ("naive", False)):
                     x, lw, n_res = sample(keys, jnp.asarray(weighted))
                     runs.append((method, x, lw))

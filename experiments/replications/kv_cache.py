@@ -31,14 +31,13 @@ import jax.numpy as jnp
 from omegaconf import MISSING
 
 from feynkit.compression.quant.kv_cache import (
-    compressed_decode_logits,
     ems_kv_compressor,
     gear_kv_compressor,
     uniform_kv_compressor,
 )
 from feynkit.experiments import harness
 from feynkit.experiments.data import BYTE_VOCAB_SIZE, load_stdlib_corpus
-from feynkit.experiments.evaluation import mean_token_nll, scoring_windows
+from feynkit.experiments.evaluation import compressed_decode_logits, mean_token_nll, scoring_windows
 from feynkit.experiments.zoo import LMConfig, lm_corpus, trained_lm
 from feynkit.models import TransformerLM
 

@@ -462,7 +462,8 @@ def test_log_weights_entry_warns_on_probability_vector():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProbabilityVectorWarning)
-        systematic_resample(jax.random.key(0), probs, 3)  # silenced: no error under -W error
+        anc = systematic_resample(jax.random.key(0), probs, 3)  # silenced: no error under -W error
+    assert anc.shape == (3,) and bool(jnp.all((anc >= 0) & (anc < 3)))
     systematic_resample(jax.random.key(0), jnp.log(probs), 3)  # genuine log-weights: no warning
     systematic_resample(jax.random.key(0), jnp.zeros(3), 3)
 

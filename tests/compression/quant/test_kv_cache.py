@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from feynkit.compression.quant.kv_cache import (
-    compressed_decode_logits,
     ems_kv_compressor,
     gear_kv_compressor,
     identity_kv_compressor,
@@ -27,6 +26,7 @@ from feynkit.compression.quant.kv_gear import (
     num_outliers,
 )
 from feynkit.compression.quant.qarray import fake_quantize
+from feynkit.experiments.evaluation import compressed_decode_logits
 from feynkit.models import TransformerLM
 
 
