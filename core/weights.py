@@ -28,10 +28,15 @@ def normalize_log_weights(log_weights: Float[ArrayLike, " n"]) -> Float[Array, "
       log_weights: unnormalised log-weights, shape (n,).
 
     Returns:
-      Log-weights whose exponentials sum to one. All −inf input gives NaN: check first.
+      Log-weights whose exponentials sum to one. Entries of +inf share all the mass (log W =
+      −log k on the k of them, −inf elsewhere), as in the resamplers; all −inf or any NaN
+      input gives NaN (`feynkit.core.log_weights_ok` is the traceable check).
     """
     log_weights = jnp.asarray(log_weights)
-    return log_weights - logsumexp(log_weights)
+    posinf = log_weights == jnp.inf
+    k = jnp.sum(posinf)
+    among_inf = jnp.where(posinf, -jnp.log(jnp.maximum(k, 1).astype(log_weights.dtype)), -jnp.inf)
+    return jnp.where(k > 0, among_inf, log_weights - logsumexp(log_weights))
 
 
 def log_mean_exp(x: Float[ArrayLike, "..."], axis: int | None = None) -> Array:

@@ -147,8 +147,8 @@ def build_kernel(
             particles, log_inc, shared = propagate_fn(k_move, state.particles, state.step, shared)
         log_inc = jnp.asarray(log_inc, state.log_weights.dtype)
         unnorm = state.log_weights + log_inc
-        increment = logsumexp(unnorm)  # log Σ W_i exp(G_i), W normalised
-        log_weights = unnorm - increment
+        increment = logsumexp(unnorm)  # log Σ W_i exp(G_i), W normalised (+inf if any G = +inf)
+        log_weights = normalize_log_weights(unnorm)  # +inf entries share the mass, not NaN
         step_ess = ess(log_weights)
         particles, log_weights, ancestors, resampled = adaptive_resample(
             k_resample, particles, log_weights, resample_fn, ess_threshold

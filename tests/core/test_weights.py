@@ -190,3 +190,10 @@ def test_grad_of_log_mean_exp_is_softmax():
 def test_check_log_weights_rejects_positive_infinity():
     with pytest.raises(ValueError, match=r"\+inf"):
         check_log_weights(np.array([0.0, np.inf, -1.0]))
+
+
+def test_normalize_log_weights_with_posinf_shares_the_mass():
+    out = np.asarray(normalize_log_weights(jnp.array([0.0, jnp.inf, -1.0, jnp.inf, -jnp.inf])))
+    np.testing.assert_allclose(out, [-np.inf, -np.log(2.0), -np.inf, -np.log(2.0), -np.inf], rtol=1e-6)
+    jitted = np.asarray(jax.jit(normalize_log_weights)(jnp.array([jnp.inf, 3.0])))
+    np.testing.assert_array_equal(jitted, [0.0, -np.inf])

@@ -106,3 +106,20 @@ def test_run_checkpointed_reports_weight_collapse(tmp_path):
         smc.run_checkpointed(
             jax.random.key(0), kernel, smc.init(jnp.zeros((8, 1))), 4, directory=None, every=2
         )
+
+
+def test_infinite_increment_puts_all_mass_on_those_particles():
+    # A potential of +inf on particles 2 and 5 (of 8): the weights become uniform over them
+    # (log W = −log 2), resampling draws only them, log Ẑ is +inf, and nothing is NaN.
+    def spike(key, x, step):
+        g = jnp.zeros(x.shape[:1]).at[jnp.array([2, 5])].set(jnp.inf)
+        return x, g
+
+    x0 = jnp.arange(8.0)[:, None]
+    kernel = jax.jit(smc.build_kernel(spike, ess_threshold=0.5))
+    state, info = kernel(jax.random.key(0), smc.init(x0))
+    assert bool(info.resampled) and bool(info.weights_ok)
+    assert set(np.asarray(state.particles[:, 0]).tolist()) <= {2.0, 5.0}
+    assert np.isposinf(float(state.log_normalizer))
+    np.testing.assert_allclose(np.asarray(state.log_weights), np.full(8, -np.log(8.0)), rtol=1e-6)
+    assert not np.isnan(np.asarray(info.ancestors)).any()
