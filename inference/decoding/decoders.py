@@ -11,11 +11,16 @@ target's prediction after node i):
   token is drawn from norm(max(0, p_j − q_j)), after all γ from p_{γ+1}. Every emitted token is
   distributed exactly as sequential sampling from p (Leviathan et al. 2023, Theorem 1). A
   deterministic guess (aggressive decoding) is the draft q = one-hot(d).
-* `accept_typical`: Medusa's typical acceptance: with p the target at temperature T and
-  τ = min(ε, δ · exp(−H(p))), candidate x is consistent when p(x) > τ (deterministic form) or
-  with probability min(1, p(x) / τ) (sampling form: a randomised threshold, our variant); the
-  deepest consistent path is accepted (ties: the most probable path) and the next token is drawn
-  from the filtered target after it. Not distribution-preserving (Cai et al. 2024, §2.3.1).
+* `accept_typical`: Medusa's typical acceptance, with p the filtered target at temperature T
+  and τ = min(ε, δ · exp(−H(p))) after each node. Deterministic form: candidate x is consistent
+  when p(x) > τ; the deepest consistent path is accepted (ties: the most probable path) and the
+  next token is drawn from p after it — not distribution-preserving (Cai et al. 2024, §2.3.1).
+  Sampling form (the reference code's `get_typical_posterior_mask`, done per tree node): one
+  token is drawn at every node from the typical set {x : p(x) ≥ τ} renormalised, a child is
+  consistent when it is its parent's draw, and the draw at the accepted node is emitted next —
+  so the output is distributed exactly as sequential sampling from the typical-truncated target.
+  (The reference draws separately for each root-to-leaf candidate row, so rows sharing a prefix
+  disagree on it, and emits a fresh token instead of the draw.)
 
 References:
   Leviathan et al. (2023), "Fast Inference from Transformers via Speculative Decoding";
@@ -107,29 +112,35 @@ def accept_typical(
     *,
     epsilon: float,
     delta: float,
-    sample_threshold: bool,
+    sampled: bool,
 ) -> tuple[Array, Array]:
-    """Medusa's typical acceptance (see the module docstring); greedy: `accept_greedy`."""
+    """Medusa's typical acceptance (see the module docstring); greedy: `accept_greedy`.
+
+    ``sampled=False``: the deterministic threshold form; ``sampled=True``: the sampling form
+    (exact sequential sampling from the typical-truncated target, given that siblings carry
+    distinct tokens, as Medusa's top-k candidates do)."""
     if sampling.greedy:
         return accept_greedy(tree, logits, tokens)
-    k_u, k_next = jax.random.split(key)
-    logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32) / sampling.temperature, -1)
-    prob = jnp.exp(logp)
+    prob = filtered_probs(logits, sampling)  # (N, V)
+    logp = jnp.log(jnp.maximum(prob, 1e-30))
     entropy = -jnp.sum(jnp.where(prob > 0, prob * logp, 0.0), -1)
     tau = jnp.minimum(epsilon, delta * jnp.exp(-entropy))  # (N,) threshold after each node
     parents = jnp.maximum(jnp.asarray(tree.parents), 0)
+    if sampled:
+        typical = (prob >= tau[:, None]) | (prob >= prob.max(-1, keepdims=True))
+        keys = jax.random.split(key, tree.size)
+        draws = jax.vmap(jax.random.categorical)(keys, jnp.where(typical, logp, -jnp.inf))
+        ok = (tokens == draws[parents]).at[0].set(True)  # siblings differ: one path matches
+        node = _deepest(tree, ok)
+        return node, draws[node].astype(jnp.int32)
     p_tok = prob[parents, tokens]
-    if sample_threshold:
-        ok = jax.random.uniform(k_u, p_tok.shape) < p_tok / tau[parents]
-    else:
-        ok = p_tok > tau[parents]
-    ok = ok.at[0].set(True)
+    ok = (p_tok > tau[parents]).at[0].set(True)
     node_logp = jnp.where(jnp.arange(tree.size) == 0, 0.0, jnp.log(jnp.maximum(p_tok, 1e-30)))
     anc = jnp.asarray(tree.ancestors)  # padded with the node itself: count it once
     first = jnp.arange(anc.shape[1])[None] <= jnp.asarray(tree.depths)[:, None]
     path_prob = jnp.exp(jnp.sum(jnp.where(first, node_logp[anc], 0.0), axis=1))
     node = _deepest(tree, ok, path_prob)
-    return node, sample_token(k_next, logits[node], sampling)
+    return node, sample_token(key, logits[node], sampling)
 
 
 def _validate_chain(num_draft: int, name: str) -> Tree:
@@ -290,8 +301,8 @@ def medusa_decoder(
       tree: the candidate `Tree` (`tree_from_accuracies`), depth ≤ ``num_heads``.
       num_heads: number of heads of ``heads_fn``.
       acceptance: "greedy" (exact argmax path; also what temperature 0 does), "typical"
-        (deterministic threshold) or "typical_sampling" (randomised threshold), see
-        `accept_typical`.
+        (deterministic threshold) or "typical_sampling" (its sampling form: exact sampling from
+        the typical-truncated target), see `accept_typical`.
       epsilon, delta: the typical-acceptance ε and δ (Medusa's posterior threshold and α).
 
     Returns:
@@ -337,7 +348,7 @@ def medusa_decoder(
                 sampling,
                 epsilon=epsilon,
                 delta=delta,
-                sample_threshold=acceptance == "typical_sampling",
+                sampled=acceptance == "typical_sampling",
             )
         return node, nxt, hidden_all[node]
 

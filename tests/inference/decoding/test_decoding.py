@@ -298,6 +298,71 @@ def test_accept_typical_against_brute_force():
             cfg,
             epsilon=eps,
             delta=delta,
-            sample_threshold=False,
+            sampled=False,
         )
         assert int(node) == best
+
+
+def _typical_probs(logits, temperature, eps, delta):
+    """NumPy float64: the tempered target truncated to its typical set {p ≥ min(ε, δ e^{−H})}."""
+    z = np.asarray(logits, np.float64) / temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    entropy = -np.sum(p * np.log(p), -1, keepdims=True)
+    keep = (p >= np.minimum(eps, delta * np.exp(-entropy))) | (p == p.max(-1, keepdims=True))
+    q = np.where(keep, p, 0.0)
+    return q / q.sum(-1, keepdims=True)
+
+
+def test_medusa_typical_sampling_is_exact_typical_sampling():
+    """Medusa's sampling-form typical acceptance, batch 6000 at T = 0.8: the two-token output
+    follows sequential sampling from the typical-truncated target (χ², 16 cells, α = 1e-3;
+    truncated tokens never appear), and candidates were accepted (< 2 forwards per 2 tokens).
+    Power: draws from the untruncated target would hit a truncated cell w.p. > 0.999."""
+    target = TransformerLM(V4, 16, 1, 2, mlp_dim=16, max_len=16)
+    tparams = target.init_params(jax.random.key(12))  # 10 of 16 cells typical
+    heads = dec.MedusaHeads(2, V4)
+    hparams = heads.init_from_lm(jax.random.key(13), tparams["lm_head"]["kernel"])
+    tree = dec.tree_from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])
+    t, eps, delta = 0.8, 0.15, 0.4
+    n, prefix = 6000, jnp.asarray([2, 0])
+    first = _typical_probs(target.forward(tparams, prefix[None])[0, -1], t, eps, delta)
+    seqs = jnp.asarray([[2, 0, a] for a in range(V4)])
+    second = _typical_probs(target.forward(tparams, seqs)[:, -1], t, eps, delta)
+    exact = (first[:, None] * second).reshape(-1)
+    full = np.asarray(
+        dec.filtered_probs(target.forward(tparams, prefix[None])[0, -1], dec.SamplingConfig(t))
+    )
+    full2 = np.asarray(
+        dec.filtered_probs(target.forward(tparams, seqs)[:, -1], dec.SamplingConfig(t))
+    )
+    untruncated = (full[:, None] * full2).reshape(-1)
+    decoder = dec.medusa_decoder(
+        heads.logits,
+        hparams,
+        tree,
+        num_heads=2,
+        acceptance="typical_sampling",
+        epsilon=eps,
+        delta=delta,
+    )
+    out = dec.generate(
+        target,
+        tparams,
+        jnp.tile(prefix, (n, 1)),
+        max_new_tokens=2,
+        decoder=decoder,
+        sampling=dec.SamplingConfig(t),
+        key=jax.random.key(14),
+    )
+    cells = np.asarray(out.tokens[:, 2] * V4 + out.tokens[:, 3])
+    counts = np.bincount(cells, minlength=V4 * V4)
+    support = exact > 0
+    assert counts[~support].sum() == 0
+    chi2 = np.sum((counts[support] - n * exact[support]) ** 2 / (n * exact[support]))
+    df = support.sum() - 1
+    assert scipy.stats.chi2.sf(chi2, df) > 1e-3, chi2
+    # power: the untruncated target puts mass m outside the typical set, so 6000 of its draws
+    # would all avoid it with probability (1 - m)^n < 1e-3
+    assert (1 - untruncated[~support].sum()) ** n < 1e-3
+    assert out.num_forwards.mean() < 2
