@@ -14,12 +14,28 @@ from feynkit.models import TransformerLM
 V = 12
 
 
+def _init(model, seed, scale=1.0):
+    """Parameters scaled by ``scale`` (one compiled init: eager init costs seconds per model)."""
+    return jax.jit(lambda k: jax.tree.map(lambda x: scale * x, model.init_params(k)))(
+        jax.random.key(seed)
+    )
+
+
+def _generate(model, params, prompt, *, decoder_inputs=None, prompt_lengths=None, key=None, **kw):
+    """`dec.generate` compiled as one program (cheaper than its eager prefill op by op)."""
+    fn = jax.jit(
+        lambda p, x, inp, lens, k: dec.generate(
+            model, p, x, decoder_inputs=inp, prompt_lengths=lens, key=k, **kw
+        )
+    )
+    return fn(params, prompt, decoder_inputs, prompt_lengths, key)
+
+
 @pytest.fixture(scope="module")
 def lm():
     model = TransformerLM(V, 32, 2, 2, mlp_dim=48, max_len=64)
     # sharpened random weights: a peaked, prompt-dependent next-token distribution
-    params = jax.tree.map(lambda x: 3.0 * x, model.init_params(jax.random.key(0)))
-    return model, params
+    return model, _init(model, 0, 3.0)
 
 
 def _greedy_reference(model, params, prompt, length, steps, eos):
@@ -95,20 +111,23 @@ def test_tree_verification_logits_equal_sequential(lm):
     prefix = jnp.asarray([[3, 1, 4, 1, 5]])
     toks = jnp.asarray([9, 2, 6, 5, 3, 5, 8])  # root + 6 candidates
     cache = model.init_cache(1, 32)
-    _, cache = model.step(params, prefix[:, :4], cache, 0)
+    _, cache = jax.jit(lambda p, x, c: model.step(p, x, c, 0))(params, prefix[:, :4], cache)
     start = 4
     toks = toks.at[0].set(prefix[0, 4])
-    logits, _ = model.step(
-        params,
-        toks[None],
-        cache,
-        start,
-        positions=start + jnp.asarray(tree.depths),
-        chunk_mask=jnp.asarray(tree.mask),
-    )
+    logits, _ = jax.jit(
+        lambda p, t, c: model.step(
+            p,
+            t,
+            c,
+            start,
+            positions=start + jnp.asarray(tree.depths),
+            chunk_mask=jnp.asarray(tree.mask),
+        )
+    )(params, toks[None], cache)
+    forward = jax.jit(model.forward)
     for i in range(tree.size):
         path = [int(toks[j]) for j in tree.ancestors[i][: tree.depths[i] + 1]]
-        full = model.forward(params, jnp.concatenate([prefix[0, :4], jnp.asarray(path)])[None])
+        full = forward(params, jnp.concatenate([prefix[0, :4], jnp.asarray(path)])[None])
         np.testing.assert_allclose(logits[0, i], full[0, -1], atol=2e-4)
 
 
@@ -121,13 +140,13 @@ def test_every_decoder_greedy_equals_baseline_and_reference(lm):
         _greedy_reference(model, params, prompt[i], int(lengths[i]), steps, eos) for i in range(b)
     ]
     kw = dict(max_new_tokens=steps, prompt_lengths=lengths, eos_id=eos, pad_id=-1)
-    base = dec.generate(model, params, prompt, decoder=dec.baseline_decoder(), **kw)
+    base = _generate(model, params, prompt, decoder=dec.baseline_decoder(), **kw)
     for i in range(b):
         assert list(np.asarray(base.tokens[i, : base.lengths[i]])) == ref[i]
     assert np.all(np.asarray(base.tokens[0, base.lengths[0] :]) == -1)
 
     draft = TransformerLM(V, 16, 1, 2, mlp_dim=24, max_len=64)
-    dparams = draft.init_params(jax.random.key(4))
+    dparams = _init(draft, 4)
     heads = dec.MedusaHeads(3, V)
     hparams = heads.init_from_lm(jax.random.key(5), params["lm_head"]["kernel"])
     tree = dec.tree_from_accuracies(
@@ -146,7 +165,7 @@ def test_every_decoder_greedy_equals_baseline_and_reference(lm):
         "aggressive": (dec.aggressive_decoder(4, match_len=2), guide),
     }
     for name, (decoder, inputs) in runs.items():
-        out = dec.generate(model, params, prompt, decoder=decoder, decoder_inputs=inputs, **kw)
+        out = _generate(model, params, prompt, decoder=decoder, decoder_inputs=inputs, **kw)
         np.testing.assert_array_equal(out.tokens, base.tokens, err_msg=name)
         np.testing.assert_array_equal(out.lengths, base.lengths, err_msg=name)
     # the guide copies most of the reference: aggressive decoding needs fewer forward passes
@@ -166,19 +185,25 @@ def _exact_two_token_distribution(model, params, prefix, cfg):
 V4 = 4
 
 
-@pytest.mark.parametrize("cfg", [dec.SamplingConfig(1.0), dec.SamplingConfig(0.8, top_k=3)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dec.SamplingConfig(1.0),
+        pytest.param(dec.SamplingConfig(0.8, top_k=3), marks=pytest.mark.slow),
+    ],
+)
 def test_speculative_sampling_preserves_target_distribution(cfg):
     """χ² goodness of fit of 6000 two-token continuations (16 cells) against the exact filtered
     target; α = 1e-3. Power: sampling from the draft instead has noncentrality λ > 100, so the
     test would reject it with probability > 0.999."""
     target = TransformerLM(V4, 16, 1, 2, mlp_dim=16, max_len=16)
-    tparams = jax.tree.map(lambda x: 4.0 * x, target.init_params(jax.random.key(6)))
+    tparams = _init(target, 6, 4.0)
     draft = TransformerLM(V4, 8, 1, 2, mlp_dim=8, max_len=16)
-    dparams = jax.tree.map(lambda x: 4.0 * x, draft.init_params(jax.random.key(7)))
+    dparams = _init(draft, 7, 4.0)
     n, prefix = 6000, jnp.asarray([1, 3])
     exact = _exact_two_token_distribution(target, tparams, prefix, cfg)
     exact_draft = _exact_two_token_distribution(draft, dparams, prefix, cfg)
-    out = dec.generate(
+    out = _generate(
         target,
         tparams,
         jnp.tile(prefix, (n, 1)),
@@ -245,9 +270,10 @@ def test_bad_input_is_refused(lm):
 def test_forced_logits_equal_full_forward(lm):
     model, params = lm
     tokens = jax.random.randint(jax.random.key(9), (2, 20), 0, V)
-    full = model.forward(params, tokens)[:, 12:]
+    full = jax.jit(model.forward)(params, tokens)[:, 12:]
     for chunk in (None, 3):
-        logits, stats = dec.forced_logits(model, params, tokens, prefix_len=12, chunk=chunk)
+        forced = jax.jit(lambda p, t: dec.forced_logits(model, p, t, prefix_len=12, chunk=chunk))  # noqa: B023
+        logits, stats = forced(params, tokens)
         assert stats is None
         np.testing.assert_allclose(logits, full, rtol=1e-4, atol=1e-3)
 
@@ -262,8 +288,8 @@ def test_kv_compress_hook_is_applied(lm):
         return cache._replace(v=v), jnp.asarray(stop - start, jnp.float32)
 
     kw = dict(max_new_tokens=6, decoder=dec.baseline_decoder())
-    plain = dec.generate(model, params, prompt, **kw)
-    hooked = dec.generate(model, params, prompt, kv_compress=zero_values, **kw)
+    plain = _generate(model, params, prompt, **kw)
+    hooked = _generate(model, params, prompt, kv_compress=zero_values, **kw)
     assert float(hooked.kv_stats) == 2 * 7
     assert not np.array_equal(plain.tokens, hooked.tokens)
 
@@ -320,7 +346,7 @@ def test_medusa_typical_sampling_is_exact_typical_sampling():
     truncated tokens never appear), and candidates were accepted (< 2 forwards per 2 tokens).
     Power: draws from the untruncated target would hit a truncated cell w.p. > 0.999."""
     target = TransformerLM(V4, 16, 1, 2, mlp_dim=16, max_len=16)
-    tparams = target.init_params(jax.random.key(12))  # 10 of 16 cells typical
+    tparams = _init(target, 12)  # 10 of 16 cells typical
     heads = dec.MedusaHeads(2, V4)
     hparams = heads.init_from_lm(jax.random.key(13), tparams["lm_head"]["kernel"])
     tree = dec.tree_from_paths([(0,), (1,), (0, 0), (0, 1), (1, 0)])
@@ -346,7 +372,7 @@ def test_medusa_typical_sampling_is_exact_typical_sampling():
         epsilon=eps,
         delta=delta,
     )
-    out = dec.generate(
+    out = _generate(
         target,
         tparams,
         jnp.tile(prefix, (n, 1)),
