@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -609,14 +610,19 @@ def finetuned_lms(
     steps: int | None = None,
     learning_rate: float = 1e-3,
     max_bytes: int | None = None,
+    subsets: Sequence[str] | None = None,
 ) -> tuple[TransformerLM, tr.CachedModel, dict[str, tuple[tr.CachedModel, TextCorpus]]]:
     """The `trained_lm` base and its fine-tunes on each `LM_FINETUNE_SUBSETS` corpus (cached).
 
     Each fine-tune starts from the base parameters and trains `steps` (default 300; smoke 40)
     AdamW steps without weight decay (so the delta is only what the task taught) at
-    `learning_rate` on its subset's train split. Returns (model, base, {name: (fine-tune,
-    subset corpus)}).
+    `learning_rate` on its subset's train split. `subsets` (names of `LM_FINETUNE_SUBSETS`;
+    default all) limits which are fine-tuned (each keeps its own seed and cache entry).
+    Returns (model, base, {name: (fine-tune, subset corpus)}).
     """
+    unknown = sorted(set(subsets or ()) - set(LM_FINETUNE_SUBSETS))
+    if unknown:
+        raise ValueError(f"subsets {unknown} unknown; choose from {sorted(LM_FINETUNE_SUBSETS)}.")
     lm_ex = model_config(LMConfig, ex, smoke)
     model, base = trained_lm(lm_ex, seed)
     steps = (40 if smoke else 300) if steps is None else steps
@@ -631,6 +637,8 @@ def finetuned_lms(
     )
     out = {}
     for i, (name, packages) in enumerate(LM_FINETUNE_SUBSETS.items()):
+        if subsets is not None and name not in subsets:
+            continue
         corpus = package_corpus(packages, max_bytes)
         defining = {
             "name": f"finetune_lm-{name}",

@@ -114,6 +114,7 @@ from feynkit.compression.prune.evopress import (  # noqa: E402
     average_sparsity,
     build_database,
     evopress_search,
+    kl_fitness,
     level_switch,
     size_groups,
 )
@@ -160,6 +161,7 @@ __all__ += [
     "flap_scores",
     "flap_statistics",
     "fluctuation_scores",
+    "kl_fitness",
     "level_switch",
     "merge_deltas",
     "size_groups",

@@ -44,6 +44,7 @@ __all__ = [
     "average_sparsity",
     "build_database",
     "evopress_search",
+    "kl_fitness",
     "level_switch",
     "size_groups",
 ]
@@ -214,3 +215,19 @@ def evopress_search(
         parent, parent_fit = pool[0], fits[0]
         history.append(parent_fit)
     return EvoPressResult(parent, parent_fit, history)
+
+
+def kl_fitness(
+    forward: Callable[[PyTree, Array], Array], params: PyTree, db: EvoPressDatabase, windows
+) -> Callable[[Array], float]:
+    """EvoPress's default fitness: ``levels ↦`` mean KL(dense ‖ assembled) of the next-token
+    distributions of ``forward(params, windows)`` (logits), jitted once for every candidate."""
+    windows = jnp.asarray(windows)
+    dense_logp = jax.nn.log_softmax(forward(params, windows))
+
+    @jax.jit
+    def kl(levels):
+        logq = jax.nn.log_softmax(forward(assemble(params, db, levels), windows))
+        return jnp.mean(jnp.sum(jnp.exp(dense_logp) * (dense_logp - logq), axis=-1))
+
+    return lambda levels: float(kl(levels))

@@ -110,6 +110,8 @@ def sparse_activation_apply(
     sparsity: float | Mapping[str, float],
     method: str = "wina",
     where: str | Sequence[str] = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    *,
+    return_gated: bool = False,
 ) -> Callable[..., object]:
     """The activation-sparse forward pass: ``apply_fn(params, *args)`` with the input of every
     Dense module whose path matches `where` sparsified before it multiplies.
@@ -120,10 +122,14 @@ def sparse_activation_apply(
         a mapping {module path regex: sparsity} (the first matching pattern wins).
       method: "wina" (|x|·‖W_row‖) or "magnitude" (|x|, TEAL-style).
       where: regexes over '/'-joined module paths (e.g. ``layers_0/mlp/down_proj``).
+      return_gated: also return, per gated module path, the fraction of its input entries the
+        gate zeroed (1 − mean keep-mask over the call's tokens; mean over repeated calls) — the
+        achieved activation sparsity, measured inside the forward pass.
 
     Returns:
-      ``f(params, *args, **kw)``, pure and jit-able. Calling it raises ValueError when no Dense
-      module matched `where` (a pattern that selects nothing).
+      ``f(params, *args, **kw)`` (``-> (out, {path: gated fraction})`` with `return_gated`),
+      pure and jit-able. Calling it raises ValueError when no Dense module matched `where`
+      (a pattern that selects nothing).
     """
     _check_method(method)
     patterns = [where] if isinstance(where, str) else list(where)
@@ -146,9 +152,11 @@ def sparse_activation_apply(
                 path = "/".join(module.path)
                 s = level(path)
                 if s is not None:
-                    hits.append(path)
                     kernel = module.variables["params"]["kernel"]
-                    x = sparsify_activations(call_args[0], kernel, s, method)
+                    x = jnp.asarray(call_args[0])
+                    keep = activation_mask(activation_scores(x, kernel, method), s)
+                    hits.append((path, 1.0 - jnp.mean(keep.astype(jnp.float32))))
+                    x = jnp.where(keep, x, jnp.zeros((), x.dtype))
                     return next_fun(x, *call_args[1:], **call_kwargs)
             return next_fun(*call_args, **call_kwargs)
 
@@ -159,6 +167,11 @@ def sparse_activation_apply(
                 f"where={where!r} matched no Dense module the model called; give regexes over "
                 "module paths such as r'.*mlp/down_proj'."
             )
-        return out
+        if not return_gated:
+            return out
+        gated: dict[str, list] = {}
+        for path, frac in hits:
+            gated.setdefault(path, []).append(frac)
+        return out, {p: sum(v) / len(v) for p, v in gated.items()}
 
     return apply

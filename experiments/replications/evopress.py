@@ -40,6 +40,7 @@ from feynkit.compression.prune.evopress import (
     average_sparsity,
     build_database,
     evopress_search,
+    kl_fitness,
 )
 from feynkit.compression.quant.calibration import linear_hessians
 from feynkit.compression.quant.tree import LINEAR_KERNELS
@@ -84,18 +85,6 @@ class EvoPressConfig(harness.ReplicationConfig):
         )
 
 
-def _kl_fn(forward, params, db, windows):
-    """A jitted ``levels ↦ mean KL(dense ‖ pruned)`` over `windows` (compiled once)."""
-    dense_logp = jax.nn.log_softmax(forward(params, windows))
-
-    @jax.jit
-    def kl(levels):
-        logq = jax.nn.log_softmax(forward(assemble(params, db, levels), windows))
-        return jnp.mean(jnp.sum(jnp.exp(dense_logp) * (dense_logp - logq), axis=-1))
-
-    return lambda levels: float(kl(levels))
-
-
 @harness.replication("evopress", EvoPressConfig)
 def run(ex: EvoPressConfig, ctx: harness.Context) -> None:
     model, params, corpus, lm_ex = load_lm(ex)
@@ -111,7 +100,7 @@ def run(ex: EvoPressConfig, ctx: harness.Context) -> None:
     ctx.metric("database_seconds", time.perf_counter() - t0)
     target = int(np.argmin(np.abs(np.asarray(ex.levels) - ex.target_sparsity)))
     uniform = np.full(len(db.paths), target, np.int32)
-    fits = [_kl_fn(model.forward, params, db, jnp.asarray(calib[:w])) for w in ex.stage_windows]
+    fits = [kl_fitness(model.forward, params, db, calib[:w]) for w in ex.stage_windows]
     t0 = time.perf_counter()
     res = evopress_search(
         ctx.key,

@@ -11,6 +11,11 @@ calibrated on the float model; ``quant=`` (none by default once a pruner is chos
 quantizes the pruned model, calibrated on it. Pruning adds the mask sparsity, the fraction of
 exact zeros after quantization, N:M validity and the bits of a sparse storage
 (`feynkit.compression.prune.sparse_storage_bits`).
+
+``prune=flap|evopress|wina|dare`` are the options that are not a same-shape mask (FLAP shrinks
+the arrays, EvoPress searches per-layer sparsities, WINA gates activations in the forward pass,
+DARE acts on a fine-tune's delta): their specs and runners live in
+`feynkit.experiments.tasks.prune_options`, and this task dispatches on the spec.
 """
 
 from __future__ import annotations
@@ -70,16 +75,35 @@ def layer_errors(params: Any, compressed: Any) -> dict[str, float]:
 def run_compress(cfg: DictConfig, ctx: Any) -> None:
     """Compress `cfg.model`'s parameters with `cfg.quant` and measure what it costs."""
     from feynkit.compression import quant
+    from feynkit.experiments.tasks import prune_options as po
 
     validate_combination(cfg)
     settings = task_settings(cfg, ctx.smoke)
+    pruner = cfg.get("prune")
+    pruner = None if pruner is None or build.is_none(pruner) else pruner
+    if pruner is not None and build.import_target(pruner._target_) is po.dare:
+        # a fine-tune's delta: the base and fine-tuned byte LMs come from the zoo
+        po.run_dare(ctx, build._instantiate(pruner), cfg, settings, ctx.smoke)
+        return
     bundle = build.build_model(cfg, ctx.seed, ctx.smoke)
     k_quant, k_eval = jax.random.split(ctx.key)
     float_params = bundle.params
-    masks, pruner = None, cfg.get("prune")
-    if pruner is not None and not build.is_none(pruner):
+    masks = spec = zeroed = uniform = None
+    if pruner is not None:
         k_prune, k_quant = jax.random.split(k_quant)
-        pruned, masks = _prune(ctx, cfg, bundle, k_prune)
+        spec = _prune_spec(cfg, bundle)
+        if isinstance(spec, po.WinaSpec):  # the forward pass changes, not the parameters
+            po.run_wina(ctx, spec, bundle, _report_fn(ctx, bundle, settings, k_eval))
+            return
+        if isinstance(spec, po.FlapSpec):
+            inputs = _calibration_inputs(cfg, bundle, k_prune)
+            pruned, zeroed, _ = po.structured_prune(ctx, spec, bundle, inputs)
+        elif isinstance(spec, po.EvoPressSpec):
+            where = spec.where if spec.where is not None else bundle.quant_where
+            inputs = _calibration_inputs(cfg, bundle, k_prune)
+            pruned, masks, uniform = po.evopress_prune(ctx, spec, bundle, inputs, where)
+        else:
+            pruned, masks = _prune(ctx, cfg, bundle, k_prune, spec)
         # quant= then acts on (and calibrates on) the pruned model
         to_quantize = dataclasses.replace(bundle, params=pruned)
     else:
@@ -98,7 +122,13 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
     leaves = jax.tree_util.tree_leaves(compressed, is_leaf=quant.is_compressed)
     if any(quant.is_compressed(x) for x in leaves):  # quant=, or SparseGPT with prune.bits
         ctx.metric("bits_per_weight", _bits_per_weight(quant, compressed))
-    errors = layer_errors(float_params, compressed)
+    if isinstance(spec, po.FlapSpec):  # shrunk kernels: errors of the structure at full shape
+        errors = po.shrunk_layer_errors(float_params, zeroed)
+        if recipe is not None:
+            for name, e in layer_errors(to_quantize.params, compressed).items():
+                ctx.metric(f"quant_layer_error.{name}", e)
+    else:
+        errors = layer_errors(float_params, compressed)
     if masks is not None:
         requant = recipe is not None  # quant= after pruning may fill pruned weights (GPTQ)
         _sparsity_metrics(ctx, cfg, settings, float_params, compressed, masks, errors, requant)
@@ -111,29 +141,40 @@ def run_compress(cfg: DictConfig, ctx: Any) -> None:
         ctx.metric(f"layer_error.{name}", e)
     worst = ctx.metric("layer_error.max", max(errors.values()))
     ctx.metric("layers_compressed", len(errors))
-    group = "prune" if masks is not None else "quant"  # errors vs the float model include pruning
+    group = "prune" if pruner is not None else "quant"  # errors vs the float model include pruning
     bound = bound_for(settings, "max_layer_error", option_name(cfg, group))
     if bound is not None:
         ctx.claim(f"worst relative layer error < {bound:g}", worst, bound)
     apply_c = build.compressed_apply_fn(bundle)
-    if bundle.kind == "lm":
-        _lm_metrics(ctx, bundle, settings, compressed, apply_c)
-    elif bundle.kind == "diffusion":
-        _denoising_metrics(ctx, bundle, settings, compressed, apply_c, k_eval)
-    else:
-        _vae_metrics(ctx, bundle, settings, compressed, apply_c, k_eval)
+    report = _report_fn(ctx, bundle, settings, k_eval)
+    report(apply_c, compressed)
+    if uniform is not None:  # EvoPress: the uniform allocation at the same average sparsity
+        report(apply_c, uniform, "uniform", claim=False)
     _figure(ctx, errors, bundle.name)
 
 
-def _prune(ctx, cfg, bundle, key):
-    """``(pruned params, masks)`` under ``cfg.prune``, calibrated on the model's own forward
-    pass (Hessians: Wanda, SparseGPT) or on its loss gradients (oBERT, byte_lm only)."""
+def _prune_spec(cfg, bundle):
+    """The ``prune=`` option built: a `PruneRecipe`, or a spec of `prune_options`; ``where:
+    null`` takes the model's default kernels."""
+    node = cfg.prune
+    extra = {} if node.get("where") is not None else {"where": bundle.quant_where}
+    return build._instantiate(node, **extra)
+
+
+def _calibration_inputs(cfg, bundle, key):
+    """``prune.calibration.num_samples`` inputs of the model's own forward pass."""
+    n = int((cfg.prune.get("calibration") or {}).get("num_samples", 32))
+    return bundle.calibration_inputs(key, n)
+
+
+def _prune(ctx, cfg, bundle, key, recipe):
+    """``(pruned params, masks)`` under the `PruneRecipe` of ``cfg.prune``, calibrated on the
+    model's own forward pass (Hessians: Wanda, SparseGPT) or on its loss gradients (oBERT,
+    byte_lm only)."""
     from feynkit.compression import prune
     from feynkit.compression.quant import calibrate
 
     node = cfg.prune
-    extra = {} if node.get("where") is not None else {"where": bundle.quant_where}
-    recipe = build._instantiate(node, **extra)
     spec = node.get("calibration") or {}
     n = int(spec.get("num_samples", 32))
     calibration = None
@@ -213,51 +254,62 @@ def _sparsity_metrics(ctx, cfg, settings, float_params, compressed, masks, error
         ctx.claim("pruned weights are exact zeros", zeros_frac, target, ">=")
 
 
-def _lm_metrics(ctx, bundle, settings, compressed, apply_c) -> None:
-    from feynkit.experiments.evaluation import lm_perplexity, scoring_windows
-
-    seq_len = bundle.extras["seq_len"]
-    windows = scoring_windows(bundle.extras["corpus"].test, seq_len, int(settings.eval_windows))
-    ppl = ctx.metric("perplexity.float", lm_perplexity(bundle.apply_fn, bundle.params, windows))
-    ppl_c = ctx.metric("perplexity.compressed", lm_perplexity(apply_c, compressed, windows))
-    ratio = ctx.metric("perplexity_ratio", ppl_c / ppl)
-    bound = float(settings.max_perplexity_ratio)
-    ctx.claim(f"compressed / float perplexity < {bound:g}", ratio, bound)
+_METRIC_NAMES = {"lm": "perplexity", "diffusion": "denoising_mse", "vae": "reconstruction_mse"}
+_METRIC_WORDS = {"lm": "perplexity", "diffusion": "denoising error", "vae": "reconstruction error"}
 
 
-def _denoising_metrics(ctx, bundle, settings, compressed, apply_c, key) -> None:
-    """Mean squared ε error on noised reference data, float and compressed."""
-    n = int(settings.eval_samples)
-    k_ref, k_t, k_eps = jax.random.split(key, 3)
-    x0, labels = bundle.reference(k_ref, n)
-    t = jax.random.uniform(k_t, (n,), minval=0.02, maxval=0.98)
-    eps = jax.random.normal(k_eps, x0.shape)
-    shape = (n,) + (1,) * (x0.ndim - 1)
-    a, s = bundle.schedule.alpha(t).reshape(shape), bundle.schedule.sigma(t).reshape(shape)
-    xt = a * x0 + s * eps
+def _metric_fn(bundle, settings, key):
+    """``fn(apply, params) -> float``: what the model is judged by — perplexity on held-out
+    windows (byte_lm), the mean squared ε error on noised reference data (diffusion models),
+    the reconstruction error (vae)."""
+    if bundle.kind == "lm":
+        from feynkit.experiments.evaluation import lm_perplexity, scoring_windows
 
-    def err(apply, params):
-        return float(jnp.mean((apply(params, xt, t, label=labels) - eps) ** 2))
-
-    e = ctx.metric("denoising_mse.float", err(bundle.apply_fn, bundle.params))
-    e_c = ctx.metric("denoising_mse.compressed", err(apply_c, compressed))
-    ratio = ctx.metric("denoising_mse_ratio", e_c / e)
-    bound = float(settings.max_error_ratio)
-    ctx.claim(f"compressed / float denoising error < {bound:g}", ratio, bound)
-
-
-def _vae_metrics(ctx, bundle, settings, compressed, apply_c, key) -> None:
+        seq_len = bundle.extras["seq_len"]
+        corpus = bundle.extras["corpus"]
+        windows = scoring_windows(corpus.test, seq_len, int(settings.eval_windows))
+        return lambda apply, params: lm_perplexity(apply, params, windows)
+    if bundle.kind == "diffusion":
+        n = int(settings.eval_samples)
+        k_ref, k_t, k_eps = jax.random.split(key, 3)
+        x0, labels = bundle.reference(k_ref, n)
+        t = jax.random.uniform(k_t, (n,), minval=0.02, maxval=0.98)
+        eps = jax.random.normal(k_eps, x0.shape)
+        shape = (n,) + (1,) * (x0.ndim - 1)
+        a, s = bundle.schedule.alpha(t).reshape(shape), bundle.schedule.sigma(t).reshape(shape)
+        xt = a * x0 + s * eps
+        return lambda apply, params: float(
+            jnp.mean((apply(params, xt, t, label=labels) - eps) ** 2)
+        )
     x = bundle.extras["x_test"][: int(settings.eval_samples)]
 
     def recon(apply, params):
-        out = apply(params, key, x)
-        p = jax.nn.sigmoid(out.recon)
+        p = jax.nn.sigmoid(apply(params, key, x).recon)
         return float(jnp.mean((p - x) ** 2))
 
-    e = ctx.metric("reconstruction_mse.float", recon(bundle.apply_fn, bundle.params))
-    e_c = ctx.metric("reconstruction_mse.compressed", recon(apply_c, compressed))
-    bound = float(settings.max_error_ratio)
-    ctx.claim(f"compressed / float reconstruction error < {bound:g}", e_c / e, bound)
+    return recon
+
+
+def _report_fn(ctx, bundle, settings, key):
+    """Record the float model's metric now; return ``report(apply, params, label="compressed",
+    claim=True) -> value`` recording ``<metric>.<label>`` and its ratio to the float value, with
+    the claim ratio < the task's bound (perplexity: max_perplexity_ratio, else
+    max_error_ratio)."""
+    fn = _metric_fn(bundle, settings, key)
+    name, word = _METRIC_NAMES[bundle.kind], _METRIC_WORDS[bundle.kind]
+    base = ctx.metric(f"{name}.float", fn(bundle.apply_fn, bundle.params))
+    key_ = "max_perplexity_ratio" if bundle.kind == "lm" else "max_error_ratio"
+    bound = float(settings[key_])
+
+    def report(apply, params, label="compressed", claim=True):
+        value = ctx.metric(f"{name}.{label}", fn(apply, params))
+        suffix = "" if label == "compressed" else f".{label}"
+        ratio = ctx.metric(f"{name}_ratio{suffix}", value / base)
+        if claim:
+            ctx.claim(f"{label} / float {word} < {bound:g}", ratio, bound)
+        return value
+
+    return report
 
 
 def _figure(ctx, errors: dict[str, float], model: str) -> None:

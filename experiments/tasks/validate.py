@@ -102,6 +102,46 @@ def _check_keys(cfg: DictConfig, group: str) -> None:
         )
 
 
+_LM_ONLY_PRUNERS = {
+    "flap": "FLAP prunes TransformerLM heads and MLP channels",
+    "evopress": "its fitness is the next-byte KL from the dense LM",
+    "dare": "it acts on the byte LM's fine-tunes (zoo.finetuned_lms)",
+}
+_UNQUANTIZED_PRUNERS = {
+    "wina": "activation sparsity gates the forward pass and leaves the weights as they are",
+    "dare": "its result is a fine-tune, measured against the fine-tune it came from",
+}
+
+
+def _check_prune_option(cfg: DictConfig, opt: dict, kind: str | None) -> None:
+    """The task-level pruners of `prune_options`: the model they need, quant=none where
+    quantization has nothing to act on, EvoPress's stage windows within its calibration."""
+    name = _name(cfg.get("prune"))
+    if name in _LM_ONLY_PRUNERS and kind != "lm":
+        raise ValueError(
+            f"prune={opt['prune']} needs model=byte_lm ({_LM_ONLY_PRUNERS[name]}); "
+            f"model={opt['model']} is a {kind} model."
+        )
+    if name in _UNQUANTIZED_PRUNERS and _name(cfg.quant) is not None:
+        raise ValueError(
+            f"prune={opt['prune']} with quant={opt['quant']}: {_UNQUANTIZED_PRUNERS[name]}; "
+            "use quant=none."
+        )
+    if name == "dare" and _name(cfg.get("data")) is not None:
+        raise ValueError(
+            f"prune=dare scores the fine-tune's own subset (prune.subset); data={opt['data']} "
+            "does not apply: use data=auto."
+        )
+    if name == "evopress":
+        n = int((cfg.prune.get("calibration") or {}).get("num_samples", 32))
+        windows = list(cfg.prune.get("stage_windows") or [])
+        if windows and max(windows) > n:
+            raise ValueError(
+                f"prune.stage_windows={windows} scores more windows than "
+                f"prune.calibration.num_samples={n}; raise num_samples or lower stage_windows."
+            )
+
+
 def validate_combination(cfg: DictConfig) -> None:
     """Raise `ValueError` if the groups of `cfg` cannot work together (before any JAX work).
 
@@ -159,6 +199,8 @@ def validate_combination(cfg: DictConfig) -> None:
             "task=compress needs a quantizer or a pruner: add quant=<option> (e.g. quant=rtn) "
             "or prune=<option> (e.g. prune=sparsegpt)."
         )
+    if task == "compress":
+        _check_prune_option(cfg, opt, kind)
     if task != "sample":
         return
     if _name(cfg.get("prune")) is not None:

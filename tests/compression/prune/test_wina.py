@@ -83,6 +83,15 @@ def test_sparse_forward_pass_matches_manual_gating(key):
     np.testing.assert_allclose(
         np.asarray(dense(params, x)), np.asarray(forward(params, x)), rtol=1e-6
     )
+    # return_gated: the same output and, per gated module, the fraction of inputs zeroed —
+    # round(0.7 * 32) / 32 of "down"'s (its inputs are relu outputs: the gate, not relu, counts)
+    gated_fn = jax.jit(sparse_activation_apply(forward, 0.7, where=r"down", return_gated=True))
+    out, gated = gated_fn(params, x)
+    np.testing.assert_array_equal(
+        np.asarray(out),
+        np.asarray(sparse_activation_apply(forward, 0.7, where=r"down")(params, x)),
+    )
+    assert list(gated) == ["down"] and float(gated["down"]) == round(0.7 * 32) / 32
 
 
 def test_bad_input(key):
