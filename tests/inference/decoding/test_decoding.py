@@ -392,3 +392,19 @@ def test_medusa_typical_sampling_is_exact_typical_sampling():
     # would all avoid it with probability (1 - m)^n < 1e-3
     assert (1 - untruncated[~support].sum()) ** n < 1e-3
     assert out.num_forwards.mean() < 2
+
+
+def test_medusa_heads_and_blocks_have_their_own_weights():
+    """Perturbing one block of one head changes that head's logits only (no shared blocks)."""
+    heads = dec.MedusaHeads(3, V, num_blocks=2)
+    kernel = jax.random.normal(jax.random.key(16), (8, V))
+    params = jax.jit(heads.init_from_lm)(jax.random.key(15), kernel)
+    hidden = jax.random.normal(jax.random.key(17), (4, 8))
+    logits = jax.jit(heads.logits)
+    base = logits(params, hidden)
+    for i in range(3):
+        for j in range(2):
+            name = f"head_{i}_block_{j}"
+            bumped = dict(params, **{name: jax.tree.map(lambda x: x + 0.5, params[name])})
+            changed = np.any(np.asarray(logits(bumped, hidden) != base), axis=(0, 2))
+            np.testing.assert_array_equal(changed, np.arange(3) == i, err_msg=name)
