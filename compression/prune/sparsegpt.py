@@ -21,8 +21,13 @@ weights get the code of 0, so they dequantize to exactly 0.
 
 Dead inputs (H_jj = 0) are zeroed first (they get the lowest saliency and are pruned first).
 When B_s does not divide d_in, the mask block is the largest divisor of d_in not above B_s.
-Not done here: sharding the layers over devices (the GPTQ code this reuses runs one kernel per
-call on one device).
+
+Sharded over devices by layer: given the calibration Hessians, the layers' sweeps are
+independent problems, so `sparsegpt_recipe` places layer i's kernel and Hessian on
+``devices[i % len(devices)]`` (round-robin over ``jax.devices()`` by default) and runs its
+sweep there; JAX dispatches asynchronously, so the sweeps of different devices run at the same
+time, and each result is moved back to its input kernel's device. Every device runs the same
+compiled program on the same inputs, so the result equals the single-device one exactly.
 
 References:
   Frantar & Alistarh (2023), "SparseGPT: Massive Language Models Can Be Accurately Pruned in
@@ -197,20 +202,28 @@ def sparsegpt_recipe(
     percdamp: float = 0.01,
     block_size: int = 128,
     where: str | Sequence[str] | None = ALL_KERNELS,
+    devices: Sequence[jax.Device] | None = None,
 ) -> PruneRecipe:
     """SparseGPT on the selected kernels (needs calibration Hessians); see `sparsegpt_prune`.
 
     With ``bits`` the pruned leaves are `QuantizedArray` containers (joint sparsity +
-    quantization, the paper's 50 % + 4-bit).
+    quantization, the paper's 50 % + 4-bit). The layers are distributed round-robin over
+    `devices` (default: ``jax.devices()``; the selected kernel i on ``devices[i % len]``), each
+    result brought back to its input's device (see the module docstring).
     """
     check_pattern(sparsity, n, m)
     if bits is not None:
         _check_bits("bits", bits)
+    if devices is not None and not list(devices):
+        raise ValueError("devices is empty: pass None (all of jax.devices()) or some devices.")
 
     def prune(w, stats, i, ctx):
-        return sparsegpt_prune(
-            w,
-            stats.hessian,
+        devs = jax.devices() if devices is None else list(devices)
+        home = w.sharding if isinstance(w, jax.Array) else None
+        w_i, h_i = jax.device_put((w, stats.hessian), devs[i % len(devs)])
+        out = sparsegpt_prune(
+            w_i,
+            h_i,
             sparsity,
             n=n,
             m=m,
@@ -219,6 +232,7 @@ def sparsegpt_recipe(
             percdamp=percdamp,
             block_size=block_size,
         )
+        return out if home is None else jax.device_put(out, home)
 
     name = f"sparsegpt{pattern_name(sparsity, n, m)}" + (f"_w{bits}" if bits else "")
     return PruneRecipe(name, prune, _where(where), True, ("hessian",))

@@ -146,3 +146,92 @@ def test_bad_inputs():
         prune.sparsegpt_recipe(1)
     with pytest.raises(ValueError, match="pruning scores contain NaN"):
         prune.sparsegpt_prune(np.where(w == w.max(), np.nan, w), H)
+
+
+_SHARDED_SCRIPT = r"""
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from feynkit.compression import prune
+from feynkit.compression.prune import sparsegpt as sg
+from feynkit.compression.quant import calibrate, dequantize_tree, is_compressed
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i, width in enumerate((48, 40, 32, 24)):
+            x = nn.tanh(nn.Dense(width, name=f"dense_{i}")(x))
+        return x
+
+
+model = MLP()
+x = jax.random.normal(jax.random.key(0), (256, 64))
+params = model.init(jax.random.key(1), x)["params"]
+calib = calibrate(lambda p, x: model.apply({"params": p}, x), params, x, where=r".*kernel")
+seen = []
+sweep = sg._sparsegpt
+
+
+def recorded(w, H, **kw):  # the device each layer's sweep runs on
+    seen.append(next(iter(w.devices())).id)
+    return sweep(w, H, **kw)
+
+
+sg._sparsegpt = recorded
+out = {"devices": np.asarray([d.id for d in jax.devices()])}
+for tag, kw in (("unstructured", dict(sparsity=0.5)), ("w4", dict(sparsity=0.5, bits=4)),
+                ("nm", dict(n=2, m=4))):
+    seen.clear()
+    pruned, masks = prune.prune_tree(
+        params, prune.sparsegpt_recipe(block_size=16, **kw), where=r".*kernel", calibration=calib
+    )
+    out[f"{tag}.ran_on"] = np.asarray(seen)
+    homes = {d.id for leaf in jax.tree.leaves(pruned, is_leaf=is_compressed)
+             for d in jax.tree.leaves(leaf)[0].devices()}
+    out[f"{tag}.homes"] = np.asarray(sorted(homes))
+    for name, leaf in dequantize_tree(pruned).items():
+        out[f"{tag}.{name}"] = np.asarray(leaf["kernel"])
+        out[f"{tag}.{name}.mask"] = np.asarray(masks[name]["kernel"])
+np.savez(sys.argv[1], **out)
+"""
+
+
+@pytest.mark.slow
+def test_sparsegpt_sharded_by_layer_equals_one_device(tmp_path):
+    """Layers round-robin over two (forced host) devices give exactly the one-device result,
+    for unstructured, joint 4-bit and 2:4 SparseGPT; each sweep ran on devices[i % 2] and
+    every result came back to the default device."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "sharded.py"
+    script.write_text(_SHARDED_SCRIPT)
+    res = {}
+    for count in (1, 2):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={count}"
+        path = tmp_path / f"devices{count}.npz"
+        run = subprocess.run(
+            [sys.executable, str(script), str(path)],
+            env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr[-3000:]
+        res[count] = dict(np.load(path))
+    one, two = res[1], res[2]
+    assert len(one["devices"]) == 1 and len(two["devices"]) == 2
+    for tag in ("unstructured", "w4", "nm"):
+        np.testing.assert_array_equal(one[f"{tag}.ran_on"], [0, 0, 0, 0])
+        np.testing.assert_array_equal(two[f"{tag}.ran_on"], [0, 1, 0, 1])
+        assert list(two[f"{tag}.homes"]) == [0]
+    keys = [k for k in one if k.split(".")[0] in ("unstructured", "w4", "nm")]
+    keys = [k for k in keys if not k.endswith(("ran_on", "homes"))]
+    assert len(keys) == 3 * 4 * 2
+    for k in keys:
+        np.testing.assert_array_equal(two[k], one[k], err_msg=k)
+    assert np.mean(one["unstructured.dense_0.mask"]) == 0.5
