@@ -182,6 +182,7 @@ def test_compress_wina_gates_the_requested_fraction(tmp_path):
     assert m["activation_sparsity.magnitude"] == pytest.approx(0.5, abs=1e-6)
     assert m["gated_layers.wina"] == m["gated_layers.magnitude"] == 7
     assert m["perplexity.wina"] != m["perplexity.magnitude"]  # the two gates differ
+    assert 0 < m["output_error.wina"] < 1 and 0 < m["output_error.magnitude"] < 1
     assert m["perplexity_ratio.wina"] < 1.5
 
 
