@@ -221,7 +221,10 @@ def train(
 
     Returns:
       The final `TrainState` and the history [(step, mean loss of the chunk ending there,
-      seconds since the call started)] of the steps run in this call.
+      seconds of training up to there)] of the whole run: with `checkpoint_dir` it is kept
+      beside the checkpoints (``history.json``), so a resumed run returns the entries of the
+      steps run before the interruption too (seconds then count the training time of all
+      the runs).
     """
     if num_steps < 0 or log_every <= 0 or steps_per_call <= 0:
         raise ValueError(
@@ -254,11 +257,34 @@ def train(
         return jax.lax.fori_loop(0, length, body, carry)
 
     history: list[tuple[int, float, float]] = []
+    history_file = None if checkpoint_dir is None else Path(checkpoint_dir) / "history.json"
     t_start = time.perf_counter()
     bar = None
+    resumed = False
+
+    def resume_history(step: int) -> None:
+        # Entries written before the interruption, up to the restored checkpoint (the file may
+        # run one chunk ahead of it: it is written before the chunk's checkpoint is saved).
+        nonlocal t_start, resumed
+        resumed = True
+        if history_file is not None and history_file.exists():
+            earlier = [tuple(h) for h in json.loads(history_file.read_text()) if h[0] <= step]
+            history.extend((int(s), float(loss), float(sec)) for s, loss, sec in earlier)
+        if history:
+            t_start -= history[-1][2]  # seconds continue from the earlier runs' total
+
+    def save_history() -> None:
+        if history_file is None:
+            return
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = history_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(history))
+        os.replace(tmp, history_file)  # atomic: a kill leaves the old or the new file
 
     def run_chunk(state: TrainState, length: int):
         nonlocal bar
+        if not resumed:
+            resume_history(int(state.step))
         if progress and bar is None:
             from tqdm.auto import tqdm
 
@@ -276,6 +302,7 @@ def train(
             if bar is not None:
                 bar.update(n)
                 bar.set_postfix(loss=f"{loss:.4f}")
+        save_history()
         return state, None
 
     try:
@@ -285,6 +312,8 @@ def train(
     finally:
         if bar is not None:
             bar.close()
+    if not resumed:  # restored at num_steps already: no chunk ran
+        resume_history(int(state.step))
     return state, history
 
 

@@ -27,7 +27,7 @@ def train(directory: str) -> dict[str, np.ndarray]:
     params = model.init_params(jax.random.key(1), 2)
     data = gaussian_mixture_2d(jax.random.key(0), 512)
     loss_fn = tr.denoising_score_loss(model.forward, num_classes=8)
-    state, _ = tr.train(
+    state, history = tr.train(
         loss_fn,
         optax.adam(3e-3),
         params,
@@ -42,7 +42,11 @@ def train(directory: str) -> dict[str, np.ndarray]:
         progress=False,
     )
     leaves = jax.tree.leaves(state.params)
-    return {f"p{i}": np.asarray(v) for i, v in enumerate(leaves)} | {"step": np.asarray(state.step)}
+    out = {f"p{i}": np.asarray(v) for i, v in enumerate(leaves)} | {"step": np.asarray(state.step)}
+    # the training history of the whole run, also when it resumed after a kill
+    out["history_steps"] = np.asarray([h[0] for h in history])
+    out["history_loss"] = np.asarray([h[1] for h in history])
+    return out
 
 
 def smc(directory: str) -> dict[str, np.ndarray]:

@@ -4,7 +4,8 @@ Each run is `_kill_worker.py` in a fresh process, checkpointing with Orbax every
 parent waits until the run has written a checkpoint (and, when it can catch one, while Orbax
 has a ``*.orbax-checkpoint-tmp*`` directory half written), kills it with SIGKILL, plants a
 leftover temporary checkpoint directory as a kill during a save leaves one, restarts the
-same command and compares its final numbers with an uninterrupted run's. Slow: six processes.
+same command and compares its final numbers (and, for training, the loss history of the whole
+run) with an uninterrupted run's. Slow: six processes.
 """
 
 from __future__ import annotations
@@ -94,3 +95,5 @@ def test_sigkill_then_restart_gives_the_uninterrupted_numbers(kind, tmp_path):
         else:  # chunked compiled loops: as the resume test of train.py, to float32 rounding
             np.testing.assert_allclose(resumed[name], full[name], rtol=1e-6, atol=1e-7)
     assert _finished_steps(run_dir)[-1] == int(full["step"])
+    if kind == "train":  # the history spans the kill: every chunk's entry, once
+        np.testing.assert_array_equal(resumed["history_steps"], np.arange(1, 13) * 25)

@@ -77,13 +77,22 @@ def test_training_reduces_loss():
 
 def test_resume_equals_uninterrupted(tmp_path):
     _, params, data, loss_fn = _toy_setup()
-    full, _ = _run(tmp_path / "full", 10, params, loss_fn, data, checkpoint_every=3, log_every=2)
+    full, full_history = _run(
+        tmp_path / "full", 10, params, loss_fn, data, checkpoint_every=3, log_every=2
+    )
     part, _ = _run(tmp_path / "run", 6, params, loss_fn, data, checkpoint_every=3, log_every=2)
     assert int(part.step) == 6
+    # A history file one chunk ahead of the checkpoints (as a kill between the two leaves it)
+    # must not add entries past the restored step.
+    hist_file = tmp_path / "run" / "history.json"
+    hist_file.write_text(hist_file.read_text()[:-1] + ", [99, 1.0, 1.0]]")
     resumed, history = _run(
         tmp_path / "run", 10, params, loss_fn, data, checkpoint_every=3, log_every=2
     )
-    assert [s for s, *_ in history] == [8, 9, 10]  # only steps 6..10 ran
+    # the whole run's history: the first run's entries (steps ≤ 6), then this run's
+    assert [s for s, *_ in history] == [s for s, *_ in full_history] == [2, 3, 5, 6, 8, 9, 10]
+    np.testing.assert_allclose([h[1] for h in history], [h[1] for h in full_history], rtol=1e-6)
+    assert all(b[2] >= a[2] for a, b in zip(history, history[1:], strict=False))
     assert int(resumed.step) == 10
     _assert_trees_close(resumed.params, full.params, rtol=1e-6, atol=1e-7)
     _assert_trees_close(resumed.opt_state, full.opt_state, rtol=1e-6, atol=1e-7)
