@@ -132,6 +132,8 @@ def test_tree_verification_logits_equal_sequential(lm):
 
 
 def test_every_decoder_greedy_equals_baseline_and_reference(lm):
+    """Greedy output of every decoder == the baseline's == a full-forward argmax reference
+    (batch 8, prompt lengths 1..6, EOS, padding)."""
     model, params = lm
     b, p, steps, eos = 8, 6, 10, 7
     prompt = jax.random.randint(jax.random.key(3), (b, p), 0, V)
@@ -182,6 +184,28 @@ def _exact_two_token_distribution(model, params, prefix, cfg):
     return table.reshape(-1)
 
 
+def _check_two_token_law(model, params, prefix, n, decoder, sampling, key, exact):
+    """Draw n two-token continuations with ``decoder``; χ² goodness of fit against ``exact``
+    (16 cells, α = 1e-3), no draw outside its support. Returns (output, support, df)."""
+    out = _generate(
+        model,
+        params,
+        jnp.tile(prefix, (n, 1)),
+        max_new_tokens=2,
+        decoder=decoder,
+        sampling=sampling,
+        key=key,
+    )
+    cells = np.asarray(out.tokens[:, 2] * V4 + out.tokens[:, 3])
+    counts = np.bincount(cells, minlength=V4 * V4)
+    support = exact > 0
+    assert counts[~support].sum() == 0
+    chi2 = np.sum((counts[support] - n * exact[support]) ** 2 / (n * exact[support]))
+    df = support.sum() - 1
+    assert scipy.stats.chi2.sf(chi2, df) > 1e-3, chi2
+    return out, support, df
+
+
 V4 = 4
 
 
@@ -203,22 +227,10 @@ def test_speculative_sampling_preserves_target_distribution(cfg):
     n, prefix = 6000, jnp.asarray([1, 3])
     exact = _exact_two_token_distribution(target, tparams, prefix, cfg)
     exact_draft = _exact_two_token_distribution(draft, dparams, prefix, cfg)
-    out = _generate(
-        target,
-        tparams,
-        jnp.tile(prefix, (n, 1)),
-        max_new_tokens=2,
-        decoder=dec.speculative_decoder(draft, dparams, 2, vocab_size=V4),
-        sampling=cfg,
-        key=jax.random.key(8),
+    decoder = dec.speculative_decoder(draft, dparams, 2, vocab_size=V4)
+    out, support, df = _check_two_token_law(
+        target, tparams, prefix, n, decoder, cfg, jax.random.key(8), exact
     )
-    cells = np.asarray(out.tokens[:, 2] * V4 + out.tokens[:, 3])
-    counts = np.bincount(cells, minlength=V4 * V4)
-    support = exact > 0
-    assert counts[~support].sum() == 0
-    chi2 = np.sum((counts[support] - n * exact[support]) ** 2 / (n * exact[support]))
-    df = support.sum() - 1
-    assert scipy.stats.chi2.sf(chi2, df) > 1e-3, chi2
     lam = n * np.sum((exact_draft[support] - exact[support]) ** 2 / exact[support])
     assert scipy.stats.ncx2.sf(scipy.stats.chi2.isf(1e-3, df), df, lam) > 0.999
     # the draft was used: some tokens came two per target forward
@@ -372,22 +384,9 @@ def test_medusa_typical_sampling_is_exact_typical_sampling():
         epsilon=eps,
         delta=delta,
     )
-    out = _generate(
-        target,
-        tparams,
-        jnp.tile(prefix, (n, 1)),
-        max_new_tokens=2,
-        decoder=decoder,
-        sampling=dec.SamplingConfig(t),
-        key=jax.random.key(14),
+    out, support, _ = _check_two_token_law(
+        target, tparams, prefix, n, decoder, dec.SamplingConfig(t), jax.random.key(14), exact
     )
-    cells = np.asarray(out.tokens[:, 2] * V4 + out.tokens[:, 3])
-    counts = np.bincount(cells, minlength=V4 * V4)
-    support = exact > 0
-    assert counts[~support].sum() == 0
-    chi2 = np.sum((counts[support] - n * exact[support]) ** 2 / (n * exact[support]))
-    df = support.sum() - 1
-    assert scipy.stats.chi2.sf(chi2, df) > 1e-3, chi2
     # power: the untruncated target puts mass m outside the typical set, so 6000 of its draws
     # would all avoid it with probability (1 - m)^n < 1e-3
     assert (1 - untruncated[~support].sum()) ** n < 1e-3
