@@ -112,7 +112,7 @@ def evopress(
     levels: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
     generations: int = 40,
     offspring: int = 12,
-    stage_windows: Sequence[int] = (4, 16),
+    stage_windows: Sequence[int] = (8, 64),
     survivors: Sequence[int] = (3, 1),
     where: str | Sequence[str] | None = None,
 ) -> EvoPressSpec:
