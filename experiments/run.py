@@ -129,7 +129,14 @@ def _main(cfg: DictConfig) -> None:
         maybe_initialize()
     _quiet_backend_probe()  # again: Hydra's logging configuration ran in between
     hc = HydraConfig.get()
-    results = run_experiment(cfg, hc.runtime.output_dir)
+    try:
+        results = run_experiment(cfg, hc.runtime.output_dir)
+    finally:
+        # A --multirun sweep runs its jobs in this one process: free each job's compiled XLA
+        # executables, or their memory mappings pile up (see tests/conftest.py).
+        import jax
+
+        jax.clear_caches()
     if cfg.smoke:
         log.info("smoke run: only the claims marked (smoke) are enforced at this scale.")
     failed = [c.name for c in results.failed(smoke=cfg.smoke)]

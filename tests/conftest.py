@@ -11,6 +11,22 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_executables():
+    """Drop every jit cache after each test module.
+
+    Each XLA:CPU executable holds ~13-17 memory mappings (its LLVM-JIT code and data sections)
+    for as long as a jit cache keeps it, and module-level jitted functions keep one per shape
+    for the life of the process. The slow set compiles a few thousand, and at the kernel's
+    vm.max_map_count (65530) the next mapping fails and LLVM aborts the process: the slow
+    set's "Fatal Python error: Aborted" inside a training step, after a dozen earlier tests,
+    which no test alone reproduces. (Reproduced directly by compiling one jitted function for
+    ~4000 shapes in one process.)
+    """
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture
 def key():
     return jax.random.key(0)
