@@ -444,11 +444,13 @@ def test_comb_keeps_its_offset_beyond_2_to_24():
     # and 1 otherwise, for every j — also beyond 2^24.
     n = 20_000_000
     lw = jnp.zeros((n,), jnp.float32).at[::2].set(jnp.log(3.0))
-    fn = jax.jit(lambda k: offspring_counts(k, n, log_weights=lw))
+    # lw is an argument, not a closed-over constant (XLA would constant-fold the 2e7-element
+    # prefix sums at compile time for minutes)
+    fn = jax.jit(lambda k, w: offspring_counts(k, n, log_weights=w))
     for seed in range(4):
         key = jax.random.key(seed)
         u = float(jax.random.uniform(key, (), jnp.float32))
-        c = np.asarray(fn(key)).reshape(-1, 2)
+        c = np.asarray(fn(key, lw)).reshape(-1, 2)
         first = 2 if u < 0.5 else 1
         assert (c[:, 0] == first).all() and (c[:, 1] == 2 - first).all(), (u, seed)
 
