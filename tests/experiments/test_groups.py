@@ -22,7 +22,7 @@ from feynkit.experiments.tasks.schemas import (
 
 PRIMARY = "_tasks_test_primary"
 # Factory arguments that are objects, not config values (never in a YAML).
-NOT_CONFIG = {"rejuvenation", "scale_schedule"}
+NOT_CONFIG = {"rejuvenation", "scale_schedule", "devices"}
 
 
 def _register():
