@@ -115,6 +115,7 @@ from feynkit.compression.prune.evopress import (  # noqa: E402
     build_database,
     evopress_search,
     kl_fitness,
+    kl_search_from_uniform,
     level_switch,
     size_groups,
 )
@@ -162,6 +163,7 @@ __all__ += [
     "flap_statistics",
     "fluctuation_scores",
     "kl_fitness",
+    "kl_search_from_uniform",
     "level_switch",
     "merge_deltas",
     "size_groups",

@@ -45,6 +45,7 @@ __all__ = [
     "build_database",
     "evopress_search",
     "kl_fitness",
+    "kl_search_from_uniform",
     "level_switch",
     "size_groups",
 ]
@@ -231,3 +232,29 @@ def kl_fitness(
         return jnp.mean(jnp.sum(jnp.exp(dense_logp) * (dense_logp - logq), axis=-1))
 
     return lambda levels: float(kl(levels))
+
+
+def kl_search_from_uniform(
+    key: Key,
+    forward: Callable[[PyTree, Array], Array],
+    params: PyTree,
+    db: EvoPressDatabase,
+    windows,
+    target_sparsity: float,
+    stage_windows: Sequence[int],
+    survivors: Sequence[int],
+    *,
+    generations: int,
+    offspring: int,
+) -> tuple[EvoPressResult, np.ndarray, list[Callable[[Array], float]]]:
+    """EvoPress as the paper runs it: from the uniform allocation at the database level nearest
+    `target_sparsity`, with the KL fitness on the first `stage_windows[i]` calibration windows
+    at selection stage i. Returns the search result, the uniform allocation and the stage
+    fitnesses (the last scores on the most windows)."""
+    target = int(np.argmin(np.abs(np.asarray(db.levels) - target_sparsity)))
+    uniform = np.full(len(db.paths), target, np.int32)
+    fits = [kl_fitness(forward, params, db, windows[:w]) for w in stage_windows]
+    res = evopress_search(
+        key, db, uniform, fits, survivors, generations=generations, offspring=offspring
+    )
+    return res, uniform, fits

@@ -4,7 +4,7 @@ Every attention and MLP kernel of the `train_lm` TransformerLM is pruned once at
 `levels` by Wanda (`feynkit.compression.prune.wanda_mask`: |W|·‖X_j‖ per output channel, the
 input norms from the Hessian diagonal of `calib_windows` training windows), giving EvoPress's
 database (`feynkit.compression.prune.evopress.build_database`). Starting from the uniform
-allocation (every kernel at `target_sparsity`), `evopress_search` runs `generations` of
+allocation (every kernel at `target_sparsity`), `kl_search_from_uniform` runs `generations` of
 `offspring` level-switch mutants (sparsity moves between kernels of equal size, so the
 parameter-weighted average stays exactly at the target), selected in two stages on the
 KL divergence of the pruned model's next-byte distribution from the dense model's: the first
@@ -39,8 +39,7 @@ from feynkit.compression.prune.evopress import (
     assemble,
     average_sparsity,
     build_database,
-    evopress_search,
-    kl_fitness,
+    kl_search_from_uniform,
 )
 from feynkit.compression.quant.calibration import linear_hessians
 from feynkit.compression.quant.tree import LINEAR_KERNELS
@@ -98,15 +97,15 @@ def run(ex: EvoPressConfig, ctx: harness.Context) -> None:
 
     db = build_database(params, LINEAR_KERNELS, ex.levels, wanda)
     ctx.metric("database_seconds", time.perf_counter() - t0)
-    target = int(np.argmin(np.abs(np.asarray(ex.levels) - ex.target_sparsity)))
-    uniform = np.full(len(db.paths), target, np.int32)
-    fits = [kl_fitness(model.forward, params, db, calib[:w]) for w in ex.stage_windows]
     t0 = time.perf_counter()
-    res = evopress_search(
+    res, uniform, fits = kl_search_from_uniform(
         ctx.key,
+        model.forward,
+        params,
         db,
-        uniform,
-        fits,
+        calib,
+        ex.target_sparsity,
+        ex.stage_windows,
         ex.survivors,
         generations=ex.generations,
         offspring=ex.offspring,

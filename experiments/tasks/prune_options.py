@@ -285,8 +285,7 @@ def evopress_prune(ctx, spec: EvoPressSpec, bundle, inputs, where):
         assemble,
         average_sparsity,
         build_database,
-        evopress_search,
-        kl_fitness,
+        kl_search_from_uniform,
     )
     from feynkit.compression.quant import calibrate
 
@@ -310,15 +309,15 @@ def evopress_prune(ctx, spec: EvoPressSpec, bundle, inputs, where):
     db = build_database(params, where, spec.levels, lambda p, w, s: values[s][p])
     mask_db = build_database(params, where, spec.levels, lambda p, w, s: masks[s][p])
     ctx.metric("database_seconds", time.perf_counter() - t0)
-    target = int(np.argmin(np.abs(np.asarray(spec.levels) - spec.sparsity)))
-    uniform = np.full(len(db.paths), target, np.int32)
-    fits = [kl_fitness(bundle.apply_fn, params, db, windows[:w]) for w in spec.stage_windows]
     t0 = time.perf_counter()
-    res = evopress_search(
+    res, uniform, fits = kl_search_from_uniform(
         jax.random.fold_in(ctx.key, 7),
+        bundle.apply_fn,
+        params,
         db,
-        uniform,
-        fits,
+        windows,
+        spec.sparsity,
+        spec.stage_windows,
         spec.survivors,
         generations=spec.generations,
         offspring=spec.offspring,
