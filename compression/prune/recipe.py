@@ -225,32 +225,22 @@ def prune_layerwise(
     Returns:
       `PruneResult` of the whole tree (masks of every pruned leaf).
     """
-    import re
-
-    from feynkit.compression.quant.calibration import calibrate
+    from feynkit.compression.layerwise import compress_layerwise
 
     if "gradients" in recipe.stats:
         raise ValueError(f"recipe {recipe.name!r} reads gradients; use prune_tree.")
-    selected = match_paths(params, recipe.where)
-    masks = None
-    done: set[str] = set()
-    for layer in [layers] if isinstance(layers, str) else list(layers):
-        paths = [p for p in selected if re.fullmatch(layer, p) and p not in done]
-        if not paths:
-            raise ValueError(
-                f"layer pattern {layer!r} matches none of the recipe's kernels {selected[:8]}."
-            )
-        where = [re.escape(p) for p in paths]
-        calib = None
-        if recipe.needs_calibration:
-            calib = calibrate(apply_fn, params, inputs, where=where, batch_size=batch_size)
-        params, new = recipe.with_where(where)(params, calib)
-        masks = (
-            new
-            if masks is None
-            else jax.tree_util.tree_map(
-                lambda a, b: b if a is None else a, masks, new, is_leaf=lambda x: x is None
-            )
+    params, steps = compress_layerwise(
+        recipe,
+        apply_fn,
+        params,
+        inputs,
+        layers,
+        batch_size=batch_size,
+        split=lambda r: (r.params, r.masks),
+    )
+    masks = steps[0]
+    for new in steps[1:]:
+        masks = jax.tree_util.tree_map(
+            lambda a, b: b if a is None else a, masks, new, is_leaf=lambda x: x is None
         )
-        done.update(paths)
     return PruneResult(params, masks)

@@ -267,3 +267,7 @@ __all__ += [
     "lm_attention_probs",
     "uniform_kv_compressor",
 ]
+
+from feynkit.compression.layerwise import compress_layerwise  # noqa: E402
+
+__all__ += ["compress_layerwise"]
