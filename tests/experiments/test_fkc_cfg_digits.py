@@ -51,3 +51,13 @@ def test_bad_config_is_a_clear_error(tmp_path):
     # The schema checks values before any JAX work.
     with pytest.raises(ValueError, match=r"experiment.resampler must be one of"):
         smoke_run("fkc_cfg_digits", tmp_path, ("experiment.resampler=bogus",))
+
+
+def test_class_shrink_scales_every_mean_gap_exactly():
+    # pulling means toward their centroid by s multiplies every pairwise gap by (1 - s)
+    m0 = np.asarray(digits_mixture(0.5).means)
+    m1 = np.asarray(digits_mixture(0.5, 0.7).means)
+    g0 = np.linalg.norm(m0[:, None] - m0[None], axis=-1)
+    g1 = np.linalg.norm(m1[:, None] - m1[None], axis=-1)
+    np.testing.assert_allclose(g1, 0.3 * g0, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m1.mean(0), m0.mean(0), atol=1e-6)
